@@ -1,0 +1,150 @@
+"""Constructor arguments of `MultiHeadAttention`: checks and normalisation.
+
+Every error names the argument, the value received, what was expected and,
+where it is not obvious, how to fix it, in Keras's wording.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "half": torch.float16,
+    "float": torch.float32,
+    "double": torch.float64,
+}
+
+
+def _invalid(name: str, expected: str, value) -> ValueError:
+    return ValueError(
+        f"Received an invalid value for argument `{name}`, expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+def positive_int(name: str, value, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        expected = "a positive integer" + (" or `None`" if allow_none else "")
+        raise _invalid(name, expected, value)
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise _invalid(name, "a boolean (True or False)", value)
+    return value
+
+
+def dropout_rate(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise _invalid("dropout", "a float in [0, 1)", value)
+    return float(value)
+
+
+def output_shape(value):
+    """None, an int or a sequence of positive ints -> None or a tuple (Keras keeps tuples)."""
+    if value is None:
+        return None
+    dims = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise _invalid("output_shape", "an int, a tuple or a list of positive ints", value) from None
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
+        raise _invalid("output_shape", "an int, a tuple or a list of positive ints", value)
+    return dims
+
+
+def attention_axes(value):
+    """None, an int or a sequence of ints; resolved against the input rank at build."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(a, int) and not isinstance(a, bool) for a in value
+    ):
+        return tuple(value)
+    raise _invalid("attention_axes", "None, an int, or a non-empty list/tuple of ints", value)
+
+
+def flash_attention(value):
+    if value not in (None, True, False) or (value is not None and not isinstance(value, bool)):
+        raise _invalid("flash_attention", "None, True or False", value)
+    return value
+
+
+def seed(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid("seed", "None or a non-negative integer", value)
+    return value
+
+
+def attention_backend(value):
+    from dist_mha.kernels import BACKENDS
+
+    if value is not None and value not in BACKENDS:
+        raise _invalid("attention_backend", f"None or one of {sorted(BACKENDS)}", value)
+    return value
+
+
+def param_dtype(value) -> torch.dtype:
+    """Keras dtype (policy name, policy config dict) or torch dtype -> the weights' torch dtype.
+
+    Mixed policies (`"mixed_bfloat16"`) keep float32 weights, as in Keras; the
+    compute dtype follows the inputs.
+    """
+    if value is None:
+        return torch.get_default_dtype()
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise _invalid("dtype", "a floating dtype", value)
+        return value
+    name = value
+    if isinstance(value, dict):
+        name = value.get("config", {}).get("name", value.get("name"))
+    elif hasattr(value, "variable_dtype"):  # a real Keras DTypePolicy
+        name = value.variable_dtype
+    if isinstance(name, str):
+        if name.startswith("mixed_"):
+            return torch.float32
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise _invalid("dtype", f"a torch floating dtype, one of {sorted(_DTYPES)}, or a Keras dtype policy", value)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_policy_config(dtype: torch.dtype) -> dict:
+    """The Keras serialisation of a plain dtype policy."""
+    return {
+        "module": "keras",
+        "class_name": "DTypePolicy",
+        "config": {"name": dtype_name(dtype)},
+        "registered_name": None,
+    }
+
+
+def input_shape(name: str, shape) -> tuple:
+    """A build shape: sequence of ints/None, rank >= 3, known feature dim."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (None, None, shape)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise _invalid(name, "a shape tuple such as (batch, seq, features)", shape) from None
+    if len(shape) < 3 or any(d is not None and (not isinstance(d, int) or d < 0) for d in shape):
+        raise _invalid(name, "a shape of rank >= 3 (batch, ..., features) with ints or None", shape)
+    if shape[-1] is None or shape[-1] <= 0:
+        raise _invalid(name, "a shape whose last (feature) dim is a known positive int", shape)
+    return shape

@@ -1,0 +1,73 @@
+"""Picks the attention kernel for a call and says why.
+
+Order of preference: flash-attn, then SDPA, then the exact math path. Each
+backend lists its reasons for refusing an input; a forced backend that
+refuses raises a ValueError with every backend's reasons, so the user sees
+exactly what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dist_mha.kernels import flash, math, sdpa
+from dist_mha.kernels.request import AttentionRequest
+
+logger = logging.getLogger("dist_mha")
+
+BACKENDS = {b.NAME: b for b in (flash, sdpa, math)}
+
+
+def _explain(reasons: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(r) if r else 'ok'}" for name, r in reasons.items())
+
+
+def select(req: AttentionRequest, flash_attention=None, backend: str | None = None):
+    """Chooses a backend for `req`.
+
+    Args:
+        req: the attention request.
+        flash_attention: Keras's switch: None picks the fastest backend that
+            accepts the input, True requires flash-attn, False excludes it.
+        backend: a backend name that must be used ("flash", "sdpa", "math").
+
+    Returns:
+        `(module, explanation)`: the backend module and a one-line account of
+        every backend's verdict.
+
+    Raises:
+        ValueError: if the required backend refuses the input.
+    """
+    reasons = {name: b.refusals(req) for name, b in BACKENDS.items()}
+    if backend is not None:
+        candidates = [backend]
+        wanted = f"attention_backend={backend!r}"
+    elif flash_attention is True:
+        candidates = ["flash"]
+        wanted = "flash_attention=True"
+    elif flash_attention is False:
+        candidates = ["sdpa", "math"]
+        wanted = None
+    else:
+        candidates = list(BACKENDS)
+        wanted = None
+    for name in candidates:
+        if not reasons[name]:
+            return BACKENDS[name], _explain(reasons)
+    raise ValueError(
+        f"{wanted} cannot serve this call. Why each backend refused: {_explain(reasons)}. "
+        "Change the input as the reasons say, or let dist_mha choose (flash_attention=None)."
+    )
+
+
+def attention(req: AttentionRequest, flash_attention=None, backend: str | None = None):
+    """Runs `req` on the chosen backend.
+
+    Returns:
+        `(out_BTNH, probs_BNTS or None, backend_name, explanation)`.
+    """
+    module, why = select(req, flash_attention, backend)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("dist_mha attention backend %r (%s)", module.NAME, why)
+    out, probs = module.run(req)
+    return out, probs, module.NAME, why

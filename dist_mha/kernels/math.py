@@ -1,0 +1,45 @@
+"""Exact attention: explicit scores, masked softmax, dropout, weighted sum.
+
+Shape legend: B batch, T query positions, S key positions, N heads,
+H head size, Hv value head size.
+
+The reference every other backend is tested against, and the only one that
+returns the attention probabilities. It materialises `(B, N, T, S)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dist_mha.kernels.request import AttentionRequest
+
+NAME = "math"
+
+
+def refusals(req: AttentionRequest) -> list[str]:
+    """The math path takes every input."""
+    return []
+
+
+def run(req: AttentionRequest):
+    """Returns `(out_BTNH, probs_BNTS or None)`."""
+    q_BNTH = req.q_BTNH.transpose(1, 2)
+    k_BNSH = req.k_BSNH.transpose(1, 2)
+    v_BNSH = req.v_BSNH.transpose(1, 2)
+    # Keras scales the query before the product; same order, same rounding.
+    scores_BNTS = torch.matmul(q_BNTH * req.scale, k_BNSH.transpose(-1, -2))
+    mask = req.masks.combined(req.T, req.S, scores_BNTS.device)
+    if mask is not None:
+        scores_BNTS = scores_BNTS.masked_fill(~mask, torch.finfo(scores_BNTS.dtype).min)
+    if scores_BNTS.dtype in (torch.float16, torch.bfloat16):
+        probs_BNTS = torch.softmax(scores_BNTS, dim=-1, dtype=torch.float32).to(scores_BNTS.dtype)
+    else:
+        probs_BNTS = torch.softmax(scores_BNTS, dim=-1)
+    if mask is not None:
+        # Masked entries are already exactly 0 (exp underflow); this only
+        # zeroes rows where every key is masked, which softmax made uniform.
+        probs_BNTS = probs_BNTS * mask
+    dropped = F.dropout(probs_BNTS, req.dropout_p) if req.dropout_p > 0 else probs_BNTS
+    out_BNTH = torch.matmul(dropped, v_BNSH)
+    return out_BNTH.transpose(1, 2), (probs_BNTS if req.need_scores else None)

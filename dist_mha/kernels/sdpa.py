@@ -1,0 +1,53 @@
+"""`torch.nn.functional.scaled_dot_product_attention` (torch picks cuDNN, flash,
+memory-efficient or math underneath).
+
+Shape legend: B batch, T query positions, S key positions, N heads,
+H head size, Hv value head size.
+
+Causal-only attention goes through `is_causal` (no mask tensor). Query
+padding never enters the mask: those rows are zeroed afterwards, so a
+query+key padding pair costs a `(B, 1, 1, S)` mask, not `(B, 1, T, S)`.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from dist_mha.kernels.request import AttentionRequest, mask_with_live_rows, zero_rows
+
+NAME = "sdpa"
+
+
+def refusals(req: AttentionRequest) -> list[str]:
+    """Why SDPA cannot serve `req` (empty when it can)."""
+    reasons = []
+    if req.need_scores:
+        reasons.append("it does not return attention probabilities (return_attention_scores=True)")
+    return reasons
+
+
+def run(req: AttentionRequest):
+    """Returns `(out_BTNH, None)`."""
+    masks = req.masks
+    keep = None
+    causal_alone = masks.causal and masks.dense_BNTS is None and masks.k_keep_BS is None and masks.window is None
+    if causal_alone:
+        # Top-left aligned like Keras; query padding is applied to the rows below.
+        mask, is_causal = None, True
+    else:
+        mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
+    if mask is not None:
+        mask, keep = mask_with_live_rows(mask)
+    out_BNTH = F.scaled_dot_product_attention(
+        req.q_BTNH.transpose(1, 2),
+        req.k_BSNH.transpose(1, 2),
+        req.v_BSNH.transpose(1, 2),
+        attn_mask=mask,
+        dropout_p=req.dropout_p,
+        is_causal=is_causal,
+        scale=req.scale,
+    )
+    if masks.q_keep_BT is not None:
+        q_keep = masks.q_keep_BT[:, :, None, None]
+        keep = q_keep if keep is None else keep & q_keep
+    return zero_rows(out_BNTH.transpose(1, 2), keep), None

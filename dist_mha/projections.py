@@ -1,0 +1,73 @@
+"""The dense projections of multi-head attention, with Keras-layout kernels.
+
+Shape legend: D input features, N heads, H head size, O output features.
+
+Keras's EinsumDense kernels are `(D, N, H)` for query/key/value and
+`(N, Hv, *output_shape)` for the output. They are stored in that layout so
+`get_weights`/`set_weights` are copies, and so a tensor-parallel rank can own
+a contiguous block of heads. The einsum is one GEMM on flattened views.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EinsumProjection(nn.Module):
+    """`(..., *in_dims) -> (..., *out_dims)` with kernel `(*in_dims, *out_dims)`.
+
+    Args:
+        name: Keras sublayer name ("query", "key", "value", "gate", "attention_output").
+        in_dims: contracted trailing dims of the input.
+        out_dims: dims produced.
+        use_bias: whether a bias of shape `out_dims` is added.
+        equation: Keras's einsum equation for this projection (informational).
+        activation: None or "sigmoid" (the gate).
+        dtype, device: of the parameters.
+    """
+
+    def __init__(self, name, in_dims, out_dims, use_bias, equation, *, activation=None, dtype=None, device=None):
+        super().__init__()
+        self.name = name
+        self.in_dims = tuple(in_dims)
+        self.out_dims = tuple(out_dims)
+        self.equation = equation
+        self.activation = activation
+        self.kernel = nn.Parameter(torch.empty(*self.in_dims, *self.out_dims, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(*self.out_dims, dtype=dtype, device=device)) if use_bias else None
+
+    @property
+    def partial_output_shape(self):
+        return self.out_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[: x.dim() - len(self.in_dims)]
+        kernel, bias = self.kernel, self.bias
+        if x.dtype != kernel.dtype and not torch.is_autocast_enabled(x.device.type):
+            # The output follows the input's dtype (Keras would autocast to its policy).
+            kernel = kernel.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        k_in, k_out = math.prod(self.in_dims), math.prod(self.out_dims)
+        y = F.linear(
+            x.reshape(*lead, k_in), kernel.reshape(k_in, k_out).t(), None if bias is None else bias.reshape(k_out)
+        )
+        y = y.view(*lead, *self.out_dims)
+        if self.activation == "sigmoid":
+            y = torch.sigmoid(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, equation={self.equation!r}, kernel={tuple(self.kernel.shape)}, bias={self.bias is not None}"
+
+
+def projection_equation(free_dims: int, bound_dims: int, output_dims: int) -> str:
+    """Keras's `_build_proj_equation`, for the `equation` attribute."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    free = letters[:free_dims]
+    bound = letters[free_dims : free_dims + bound_dims]
+    out = letters[free_dims + bound_dims : free_dims + bound_dims + output_dims]
+    return f"{free}{bound},{bound}{out}->{free}{out}"
