@@ -1,0 +1,85 @@
+"""CUDA checks: SDPA and flash-attn in bf16/fp16 against the exact math path.
+
+Skipped with a reason on machines without CUDA (and, for flash, without the
+flash-attn package). Tolerance: bf16 outputs of a softmax-weighted average
+carry ~3 significant digits, so 2e-2 relative to a float32 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_mha import MultiHeadAttention
+from dist_mha.kernels import flash
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA, found none")
+needs_flash = pytest.mark.skipif(not flash.AVAILABLE, reason="needs the flash-attn package, not installed")
+
+B, T, S, E = 2, 128, 96, 256
+MASKS = {
+    "none": lambda d: {},
+    "causal": lambda d: dict(use_causal_mask=True),
+    "padding": lambda d: dict(value_mask=torch.arange(S, device=d)[None].expand(B, S) < torch.tensor([[S], [S // 2]], device=d)),
+    "query_padding": lambda d: dict(query_mask=torch.arange(T, device=d)[None].expand(B, T) < torch.tensor([[T], [T // 3]], device=d)),
+    "attention_mask": lambda d: dict(attention_mask=torch.rand(B, T, S, device=d) < 0.8),
+}
+
+
+def _pair(backend, dtype, self_attention):
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(4, 64, query_shape=E, value_shape=E, attention_backend="math", device="cuda")
+    fast = MultiHeadAttention(4, 64, query_shape=E, value_shape=E, attention_backend=backend, device="cuda")
+    fast.load_state_dict(ref.state_dict())
+    q = torch.randn(B, T, E, device="cuda")
+    v = q if self_attention else torch.randn(B, S, E, device="cuda")
+    return ref, fast, q, v
+
+
+def _check(backend, dtype, mask_kind):
+    self_attention = mask_kind in ("causal", "query_padding")
+    ref, fast, q, v = _pair(backend, dtype, self_attention)
+    kwargs = MASKS[mask_kind]("cuda")
+    if self_attention and "value_mask" in kwargs:
+        kwargs["value_mask"] = kwargs["value_mask"][:, : v.shape[1]]
+    if mask_kind == "attention_mask" and self_attention:
+        kwargs["attention_mask"] = kwargs["attention_mask"][:, :, : v.shape[1]]
+    expected = ref(q, v, **kwargs)
+    got = fast(q.to(dtype), v.to(dtype), **kwargs)
+    assert got.dtype == dtype and fast.last_backend == backend
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+def test_sdpa_low_precision_matches_math_on_cuda(dtype, mask_kind):
+    _check("sdpa", dtype, mask_kind)
+
+
+@needs_cuda
+@needs_flash
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "query_padding"])
+def test_flash_matches_math_on_cuda(dtype, mask_kind):
+    _check("flash", dtype, mask_kind)
+
+
+@needs_cuda
+def test_flash_refusal_lists_every_backend_on_cuda():
+    layer = MultiHeadAttention(2, 16, query_shape=64, flash_attention=True, device="cuda")
+    x = torch.randn(2, 8, 64, device="cuda")
+    with pytest.raises(ValueError, match="flash:.*sdpa:.*math:"):
+        layer(x, x)  # float32 is refused by flash-attn whatever is installed
+
+
+@needs_cuda
+def test_seeded_dropout_reproducible_on_cuda():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layer = MultiHeadAttention(4, 16, dropout=0.3, seed=11, query_shape=64, device="cuda")
+        x = torch.randn(2, 32, 64, device="cuda")
+        outs.append(layer(x, x, training=True))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
