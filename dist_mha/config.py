@@ -148,3 +148,27 @@ def input_shape(name: str, shape) -> tuple:
     if shape[-1] is None or shape[-1] <= 0:
         raise _invalid(name, "a shape whose last (feature) dim is a known positive int", shape)
     return shape
+
+
+def process_group(name: str, group):
+    """None, or a torch.distributed process group this process belongs to."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            f"Received `{name}`={group!r} but torch.distributed is not initialised; call "
+            "init_process_group first (torchrun does it via dist_mha.parallel.build_parallel_state)."
+        )
+    try:
+        size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+    except Exception as err:  # not a ProcessGroup, or not a member
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a torch.distributed "
+            f"ProcessGroup that this rank belongs to, or None. Received: {name}={group!r}"
+        ) from err
+    if rank < 0 or size < 1:
+        raise ValueError(f"This rank is not a member of `{name}`={group!r}; pass the group of this rank.")
+    return group

@@ -11,6 +11,7 @@ import torch
 
 from dist_mha import config as cfg
 from dist_mha import constraints, initializers, regularizers
+from dist_mha.parallel import sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
@@ -20,7 +21,7 @@ class KerasLayerAPI:
 
     # -- weights ------------------------------------------------------------------
     def _keras_weights(self):
-        """`[(kind, parameter)]` in Keras's order: per sublayer, kernel then bias."""
+        """`[(kind, parameter, shard dim or None)]` in Keras's order: per sublayer, kernel then bias."""
         out = []
         if not self.built:
             return out
@@ -28,15 +29,15 @@ class KerasLayerAPI:
             proj = self._modules.get(name)
             if proj is None:
                 continue
-            out.append(("kernel", proj.kernel))
+            out.append(("kernel", proj.kernel, proj.kernel_shard_dim))
             if proj.bias is not None:
-                out.append(("bias", proj.bias))
+                out.append(("bias", proj.bias, proj.bias_shard_dim))
         return out
 
     @property
     def weights(self) -> list[torch.Tensor]:
         """The parameters in Keras's order (empty before build)."""
-        return [p for _, p in self._keras_weights()]
+        return [p for _, p, _ in self._keras_weights()]
 
     @property
     def trainable(self) -> bool:
@@ -55,11 +56,13 @@ class KerasLayerAPI:
         key bias, [gate kernel, gate bias,] value kernel `(Dv, N, Hv)`, value
         bias `(N, Hv)`, output kernel `(N, Hv, *out)`, output bias `(*out)`;
         no biases when `use_bias=False`. bfloat16 weights come back as float32
-        (numpy has no bfloat16).
+        (numpy has no bfloat16). Under tensor parallelism the arrays are the
+        full, unsharded weights (every rank of the group must call this).
         """
         arrays = []
-        for _, p in self._keras_weights():
-            t = p.detach()
+        for _, p, dim in self._keras_weights():
+            with torch.no_grad():
+                t = sharding.gather_full(p.detach(), dim, self.tp_group)
             if t.dtype == torch.bfloat16:
                 t = t.float()
             arrays.append(t.cpu().numpy().copy())
@@ -67,6 +70,9 @@ class KerasLayerAPI:
 
     def set_weights(self, weights) -> None:
         """Sets the weights from arrays in `get_weights()` order and shapes.
+
+        Under tensor parallelism the arrays are the full weights; each rank
+        keeps its own heads.
 
         Raises:
             ValueError: if the layer is unbuilt, or the count or a shape differs.
@@ -83,15 +89,53 @@ class KerasLayerAPI:
                 f"You called `set_weights(weights)` on layer '{self.name}' with a weight list of "
                 f"length {len(weights)}, but the layer was expecting {len(params)} weights."
             )
-        for (_, p), w in zip(params, weights):
-            if tuple(np.shape(w)) != tuple(p.shape):
+        for (_, p, dim), w in zip(params, weights):
+            full_shape = list(p.shape)
+            if dim is not None:
+                full_shape[dim] *= self.tp_size
+            if tuple(np.shape(w)) != tuple(full_shape):
                 raise ValueError(
-                    f"Layer {self.name} weight shape {tuple(p.shape)} is not compatible with "
+                    f"Layer {self.name} weight shape {tuple(full_shape)} is not compatible with "
                     f"provided weight shape {tuple(np.shape(w))}."
                 )
         with torch.no_grad():
-            for (_, p), w in zip(params, weights):
-                p.copy_(torch.as_tensor(np.asarray(w), device=p.device).to(p.dtype))
+            for (_, p, dim), w in zip(params, weights):
+                full = torch.as_tensor(np.asarray(w))
+                p.copy_(sharding.own_slice(full, dim, self.tp_group).to(device=p.device, dtype=p.dtype))
+
+    # -- checkpoints ----------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """Sharding metadata and RNG states, saved in `state_dict()` under `_extra_state`.
+
+        `dist_mha.parallel.checkpoint.reshard_state_dicts` reads it to load a
+        checkpoint written at one TP degree into a layer at another.
+        """
+        from dist_mha.parallel.checkpoint import FORMAT
+
+        dims = {}
+        for name in _ORDER:
+            proj = self._modules.get(name)
+            if proj is not None:
+                dims[f"{name}.kernel"] = proj.kernel_shard_dim
+                if proj.bias is not None:
+                    dims[f"{name}.bias"] = proj.bias_shard_dim
+        streams = {s.name: s.state_dict() for s in self.rng_streams()} if self.built else {}
+        return {"format": FORMAT, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
+                "num_heads": self._num_heads, "shard_dims": dims, "rng": streams}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or "tp_size" not in state:
+            return
+        if state["tp_size"] != self.tp_size or state["tp_rank"] != self.tp_rank:
+            raise ValueError(
+                f"This state dict holds TP rank {state['tp_rank']} of {state['tp_size']}, but layer "
+                f"'{self.name}' is rank {self.tp_rank} of {self.tp_size}. Reshard it first with "
+                "dist_mha.parallel.checkpoint.reshard_state_dicts (or load_tp_shard)."
+            )
+        by_name = {s.name: s for s in self.rng_streams()}
+        for name, st in state.get("rng", {}).items():
+            if name in by_name:
+                by_name[name].load_state_dict(st)
 
     # -- config ---------------------------------------------------------------------
     def get_config(self) -> dict:
@@ -148,21 +192,28 @@ class KerasLayerAPI:
     def losses(self) -> list[torch.Tensor]:
         """Differentiable penalties, in Keras's order: the latest call's activity
         penalties (query, key, [gate,] value, output; each divided by batch size),
-        then the weight penalties (per weight, Keras order), computed now."""
+        then the weight penalties (per weight, Keras order), computed now.
+
+        Under tensor parallelism every penalty is that of the full tensor
+        (shards' penalties summed across the group, so every rank of the group
+        must read `losses`); its gradient reaches each rank's own shard."""
         out = list(self._activity_losses)
-        for kind, p in self._keras_weights():
+        for kind, p, dim in self._keras_weights():
             reg = self._kernel_regularizer if kind == "kernel" else self._bias_regularizer
             if reg is not None:
-                out.append(reg(p))
+                out.append(sharding.penalty(reg, p, dim, self.tp_group))
         return out
 
     def apply_constraints(self) -> None:
-        """Projects every constrained weight in place (what Keras's optimizer does after a step)."""
+        """Projects every constrained weight in place (what Keras's optimizer does after a step).
+
+        Under tensor parallelism, norms that span shards are reduced across the
+        group, so the result equals constraining the full weight."""
         with torch.no_grad():
-            for kind, p in self._keras_weights():
+            for kind, p, dim in self._keras_weights():
                 c = self._kernel_constraint if kind == "kernel" else self._bias_constraint
                 if c is not None:
-                    p.copy_(c(p))
+                    p.copy_(sharding.constrain(c, p, dim, self.tp_group))
 
     def constraint_hook(self, optimizer: torch.optim.Optimizer):
         """Applies the constraints after every `optimizer.step()`; returns the hook handle.

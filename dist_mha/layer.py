@@ -13,6 +13,7 @@ kernel (flash-attn / SDPA / math) with dropout under the layer's RNG stream
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 
 import numpy as np
 import torch
@@ -24,13 +25,15 @@ from dist_mha.keras_api import KerasLayerAPI
 from dist_mha.kernels import AttentionRequest, attention
 from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
+from dist_mha.parallel import region, sharding
 from dist_mha.projections import EinsumProjection, projection_equation
-from dist_mha.rng_streams import RNGStream
+from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 # Stable per-weight salts: each kernel (and bias) gets its own random draw,
 # independent of build order and of the other weights' shapes.
 _SALTS = {"query": 1, "key": 2, "value": 3, "attention_output": 4, "gate": 5}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DROPOUT_MODES = ("per_rank", "tp_invariant")
 
 
 class MultiHeadAttention(KerasLayerAPI, nn.Module):
@@ -76,7 +79,19 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
             or "math".
         device, dtype: keyword-only: where and in which dtype the weights
             live. `dtype` also takes Keras policy names/configs.
-        tp_group: keyword-only, reserved for tensor parallelism; must be None.
+        tp_group: keyword-only: a `torch.distributed` process group over which
+            heads are split (`num_heads % tp_size == 0`); None means no tensor
+            parallelism. Every rank of the group calls the layer with the same
+            (replicated) inputs.
+        sequence_parallel: keyword-only: inputs and output are sharded on dim 1
+            across `tp_group` (Megatron-style); masks are still given in full.
+        dropout_mode: keyword-only: "per_rank" (default; each TP rank's heads
+            draw from their own stream, fast, any backend) or "tp_invariant"
+            (masks keyed by seed, call, global head and position: identical
+            results at every TP degree; math backend only).
+        check_ranks: keyword-only: under TP, one tiny all-reduce per call
+            verifies that all ranks pass the same shapes and flags, so a
+            mismatch raises instead of hanging. Default True.
         name, trainable: as Keras's base layer.
 
     Call arguments:
@@ -135,6 +150,9 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         device=None,
         dtype=None,
         tp_group=None,
+        sequence_parallel=False,
+        dropout_mode="per_rank",
+        check_ranks=True,
         name=None,
         trainable=True,
         **kwargs,
@@ -168,17 +186,22 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         if self._kernel_initializer is None or self._bias_initializer is None:
             which = "kernel_initializer" if self._kernel_initializer is None else "bias_initializer"
             raise ValueError(f"Received an invalid value for argument `{which}`, expected an initializer. Received: {which}=None")
-        if tp_group is not None:
-            raise ValueError(
-                "Received an invalid value for argument `tp_group`: tensor parallelism is not "
-                f"available in this version; pass tp_group=None. Received: tp_group={tp_group!r}"
-            )
-        self.tp_group = None
+        self.tp_group = cfg.process_group("tp_group", tp_group)
+        self.tp_size = sharding.tp_size_of(self.tp_group)
+        self.tp_rank = sharding.tp_rank_of(self.tp_group)
+        sharding.check_heads_divisible(self._num_heads, self.tp_size)
+        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
+        if dropout_mode not in _DROPOUT_MODES:
+            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {_DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
         self.name = name or "multi_head_attention"
         self._param_dtype = cfg.param_dtype(dtype)
         self._device = torch.device(device) if device is not None else None
         self._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self._key_dim))
-        self._dropout_stream = RNGStream(self.seed, "attention_dropout") if self.seed is not None else None
+        self._dropout_stream = None  # created at build, when the TP rank's seed is known
+        self.replicated_stream = None
+        self._invariant_calls = None
         self._trainable = cfg.boolean("trainable", trainable)
         self._activity_losses: list[torch.Tensor] = []
         self.built = False
@@ -237,37 +260,77 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         rank = len(query_shape)
         self._attention_axes = normalize_attention_axes(self._attention_axes, rank)
         N, H, Hv = self._num_heads, self._key_dim, self._value_dim
+        n = N // self.tp_size  # heads on this rank
         out = self._output_shape or (query_shape[-1],)
         in_eq = projection_equation(rank - 1, 1, 2)
-        specs = [("query", (query_shape[-1],), (N, H), in_eq, None), ("key", (key_shape[-1],), (N, H), in_eq, None)]
+        dq, dk, dv = query_shape[-1], key_shape[-1], value_shape[-1]
+        # (name, in dims, local out dims, global kernel, kernel shard dim, bias shard dim, equation, activation)
+        specs = [("query", (dq,), (n, H), (dq, N, H), 1, 0, in_eq, None),
+                 ("key", (dk,), (n, H), (dk, N, H), 1, 0, in_eq, None)]
         if self._use_gate:
-            specs.append(("gate", (query_shape[-1],), (N, Hv), in_eq, "sigmoid"))
-        specs.append(("value", (value_shape[-1],), (N, Hv), in_eq, None))
-        specs.append(("attention_output", (N, Hv), out, projection_equation(rank - 1, 2, len(out)), None))
-        for name, in_dims, out_dims, eq, act in specs:
+            specs.append(("gate", (dq,), (n, Hv), (dq, N, Hv), 1, 0, in_eq, "sigmoid"))
+        specs.append(("value", (dv,), (n, Hv), (dv, N, Hv), 1, 0, in_eq, None))
+        specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None,
+                      projection_equation(rank - 1, 2, len(out)), None))
+        base = self._agreed_random_base()
+        for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
             proj = EinsumProjection(
-                name, in_dims, out_dims, self._use_bias, eq, activation=act, dtype=self._param_dtype, device=self._device
+                name, in_dims, out_dims, self._use_bias, eq, activation=act, dtype=self._param_dtype,
+                device=self._device, kernel_shard_dim=k_dim if self.tp_size > 1 else None,
+                bias_shard_dim=b_dim if self.tp_size > 1 else None, global_kernel_shape=global_kernel,
+                global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
             )
             self.add_module(name, proj)
-            self._initialize(proj)
-        self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
+            self._initialize(proj, base)
+        self._make_streams(base)
+        self._built_dims = (dq, dv, dk, rank)
         self.built = True
         self.trainable = self._trainable
 
-    def _initialize(self, proj: EinsumProjection) -> None:
-        fan_in, fan_out = math.prod(proj.in_dims), math.prod(proj.out_dims)
+    def _agreed_random_base(self) -> int:
+        """One draw from torch's global RNG, the same on every TP rank (rank 0's)."""
+        base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            device = self._device if self._device is not None and self._device.type == "cuda" else "cpu"
+            base = base.to(device)
+            dist.broadcast(base, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        return int(base.item())
+
+    def _initialize(self, proj: EinsumProjection, base: int) -> None:
+        # Fans come from the global kernel; each element's value depends only
+        # on its global index, so shards at any TP degree assemble the same weight.
+        k_shape = proj.global_kernel_shape
+        n_in = len(proj.in_dims)
+        fan_in, fan_out = math.prod(k_shape[:n_in]), math.prod(k_shape[n_in:])
         salt = _SALTS[proj.name]
         with torch.no_grad():
             kernel = self._kernel_initializer(
-                tuple(proj.kernel.shape), proj.kernel.dtype, device=proj.kernel.device,
-                fan_in=fan_in, fan_out=fan_out, salt=salt,
+                k_shape, proj.kernel.dtype, device=proj.kernel.device, fan_in=fan_in, fan_out=fan_out,
+                salt=salt, base_seed=base,
+                index=sharding.shard_index(k_shape, proj.kernel_shard_dim, self._num_heads, self.tp_group),
             )
             proj.kernel.copy_(torch.as_tensor(kernel))
             if proj.bias is not None:
                 bias = self._bias_initializer(
-                    tuple(proj.bias.shape), proj.bias.dtype, device=proj.bias.device, salt=100 + salt
+                    proj.global_bias_shape, proj.bias.dtype, device=proj.bias.device, salt=100 + salt, base_seed=base,
+                    index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, self._num_heads, self.tp_group),
                 )
                 proj.bias.copy_(torch.as_tensor(bias))
+
+    def _make_streams(self, base: int) -> None:
+        seed = self.seed if self.seed is not None else base
+        if self.seed is not None or self.tp_size > 1:
+            # seed=None at TP=1 keeps Keras's meaning: torch's global RNG. Under
+            # TP the per-rank stream needs a seed; `base` follows torch.manual_seed.
+            self._dropout_stream = RNGStream(stream_seed(seed, "attention_dropout", self.tp_rank), "attention_dropout")
+        self.replicated_stream = RNGStream(stream_seed(seed, "replicated"), "replicated")
+        self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
+
+    def rng_streams(self) -> list:
+        """The layer's RNG streams (for `dist_mha.rng_streams.checkpoint`)."""
+        return [s for s in (self._dropout_stream, self.replicated_stream, self._invariant_calls) if s is not None]
 
     # -- call -------------------------------------------------------------------
     def forward(
@@ -282,6 +345,8 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         return_attention_scores=False,
         training=None,
         use_causal_mask=False,
+        *,
+        local_scores=False,
     ):
         query, value, key = self._check_inputs(query, value, key)
         return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
@@ -289,46 +354,80 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         if training is not None:
             training = cfg.boolean("training", training)
         training = self.training if training is None else training
+        dropout_p = self._dropout if training else 0.0
+        group, sp = self.tp_group, self.sequence_parallel
+        if self.tp_size > 1:
+            self._check_tp_call(query, value, key, [query_mask, value_mask, key_mask, attention_mask],
+                                return_attention_scores, use_causal_mask, dropout_p > 0)
+            query, value, key = region.enter(group, sp, query, value, key)
 
-        q = self.query_dense(query)  # (B, d.., N, H)
+        q = self.query_dense(query)  # (B, d.., n, H), n = this rank's heads
         k = self.key_dense(key)
-        v = self.value_dense(value)  # (B, d.., N, Hv)
+        v = self.value_dense(value)  # (B, d.., n, Hv)
         gate = self._modules["gate"](query) if self._use_gate else None
         layout = AttentionLayout(query.dim(), self._attention_axes)
-        scores_shape = (
-            *[q.shape[d] for d in layout.batch_dims],
-            self._num_heads,
-            *[q.shape[d] for d in layout.attention_axes],
-            *[k.shape[d] for d in layout.attention_axes],
-        )
+        batch = [q.shape[d] for d in layout.batch_dims]
+        t_dims = [q.shape[d] for d in layout.attention_axes]
+        s_dims = [k.shape[d] for d in layout.attention_axes]
         masks = build_mask_spec(
-            layout, query.shape, value.shape, scores_shape,
+            layout, query.shape, value.shape, (*batch, self._num_heads, *t_dims, *s_dims),
             query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask, use_causal_mask=use_causal_mask,
             sliding_window=self._sliding_window, device=query.device,
         )
-        dropout_p = self._dropout if training else 0.0
+        h0, h1 = sharding.head_range(self._num_heads, group)
+        if masks.dense_BNTS is not None and masks.dense_BNTS.shape[1] == self._num_heads != h1 - h0:
+            masks.dense_BNTS = masks.dense_BNTS[:, h0:h1]  # a per-head mask: keep this rank's heads
         req = AttentionRequest(
             layout.to_BTNH(q), layout.to_BTNH(k), layout.to_BTNH(v), masks,
             self._inverse_sqrt_key_dim, dropout_p, return_attention_scores,
         )
-        if dropout_p > 0 and self._dropout_stream is not None:
-            with self._dropout_stream.fork(query.device):
-                out_BTNH, probs, self.last_backend, self.last_backend_reason = attention(
-                    req, self._flash_attention, self._attention_backend
-                )
-        else:
+        stream = None
+        if dropout_p > 0 and self.dropout_mode == "tp_invariant":
+            call = self._invariant_calls.next()
+            seed, rate = self._invariant_calls.seed, dropout_p
+
+            def keep(shape_BNTS, device):
+                global_shape = (shape_BNTS[0], self._num_heads, *shape_BNTS[2:])
+                return invariant_keep_mask(seed, call, global_shape, (slice(None), slice(h0, h1)), rate, device)
+
+            req.dropout_keep = keep
+        elif dropout_p > 0:
+            stream = self._dropout_stream
+        with stream.fork(query.device) if stream is not None else _nullcontext():
             out_BTNH, probs, self.last_backend, self.last_backend_reason = attention(
                 req, self._flash_attention, self._attention_backend
             )
-        context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., N, Hv)
+        context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)
         if gate is not None:
             context = context * gate
-        output = self.output_dense(context)
+        out_proj = self.output_dense
+        if self.tp_size > 1:
+            output = region.leave(group, sp, out_proj(context, add_bias=False), out_proj.bias)
+        else:
+            output = out_proj(context)
         self._record_activity(q, k, gate, v, output)
-        if return_attention_scores:
-            return output, layout.scores_from_BNTS(probs, q.shape, k.shape)
-        return output
+        if not return_attention_scores:
+            return output
+        scores = layout.scores_from_BNTS(probs, q.shape, k.shape)
+        if not local_scores:
+            scores = sharding.gather_full(scores, len(layout.batch_dims), group)
+        return output, scores
+
+    def _check_tp_call(self, query, value, key, masks, return_scores, causal, dropout):
+        if not self.check_ranks:
+            return
+        values, names = [], []
+        for name, x in (("query", query), ("value", value), ("key", key)):
+            dims = list(x.shape) + [0] * (8 - x.dim())
+            values += [x.dim(), *dims, _FLOAT_DTYPES.index(x.dtype)]
+            names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
+        for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask"), masks):
+            values.append(-1 if m is None else int(np.prod(np.shape(m))))
+            names.append(f"{name}.numel")
+        values += [int(return_scores), int(causal), int(dropout)]
+        names += ["return_attention_scores", "use_causal_mask", "dropout active"]
+        sharding.check_ranks_agree(self.tp_group, values, names, device=query.device)
 
     def _check_inputs(self, query, value, key):
         tensors = []
@@ -392,6 +491,11 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         if reg is None:
             return
         # Keras regularises each sublayer's output, divided by its batch size.
-        for y in (q, k, gate, v, output):
+        # q/k/gate/v hold this rank's heads; the output is replicated, or
+        # sharded on dim 1 under sequence parallelism.
+        head_dim = q.dim() - 2
+        for y in (q, k, gate, v):
             if y is not None:
-                self._activity_losses.append(reg(y) / y.shape[0])
+                self._activity_losses.append(sharding.penalty(reg, y, head_dim, self.tp_group) / y.shape[0])
+        out_dim = region.SEQ_DIM if self.sequence_parallel else None
+        self._activity_losses.append(sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0])

@@ -30,7 +30,10 @@ class EinsumProjection(nn.Module):
         dtype, device: of the parameters.
     """
 
-    def __init__(self, name, in_dims, out_dims, use_bias, equation, *, activation=None, dtype=None, device=None):
+    def __init__(
+        self, name, in_dims, out_dims, use_bias, equation, *, activation=None, dtype=None, device=None,
+        kernel_shard_dim=None, bias_shard_dim=None, global_kernel_shape=None, global_bias_shape=None,
+    ):
         super().__init__()
         self.name = name
         self.in_dims = tuple(in_dims)
@@ -39,14 +42,20 @@ class EinsumProjection(nn.Module):
         self.activation = activation
         self.kernel = nn.Parameter(torch.empty(*self.in_dims, *self.out_dims, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(*self.out_dims, dtype=dtype, device=device)) if use_bias else None
+        # Tensor parallelism: which dim of the local kernel/bias is a shard of
+        # the global one (None: replicated), and the global shapes.
+        self.kernel_shard_dim = kernel_shard_dim
+        self.bias_shard_dim = bias_shard_dim
+        self.global_kernel_shape = tuple(global_kernel_shape or self.kernel.shape)
+        self.global_bias_shape = tuple(global_bias_shape or self.out_dims)
 
     @property
     def partial_output_shape(self):
         return self.out_dims
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         lead = x.shape[: x.dim() - len(self.in_dims)]
-        kernel, bias = self.kernel, self.bias
+        kernel, bias = self.kernel, (self.bias if add_bias else None)
         if x.dtype != kernel.dtype and not torch.is_autocast_enabled(x.device.type):
             # The output follows the input's dtype (Keras would autocast to its policy).
             kernel = kernel.to(x.dtype)

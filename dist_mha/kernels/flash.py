@@ -53,6 +53,8 @@ def refusals(req: AttentionRequest) -> list[str]:
         reasons.append("causal/window with key padding would shift positions after unpadding")
     if req.dropout_p > 0 and _fa2 is None:
         reasons.append("dropout needs FA2; only FA3 (no dropout) is installed")
+    if req.dropout_p > 0 and req.dropout_keep is not None:
+        reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
     return reasons
 
 

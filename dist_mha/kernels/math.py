@@ -40,6 +40,12 @@ def run(req: AttentionRequest):
         # Masked entries are already exactly 0 (exp underflow); this only
         # zeroes rows where every key is masked, which softmax made uniform.
         probs_BNTS = probs_BNTS * mask
-    dropped = F.dropout(probs_BNTS, req.dropout_p) if req.dropout_p > 0 else probs_BNTS
+    if req.dropout_p > 0 and req.dropout_keep is not None:
+        keep = req.dropout_keep(probs_BNTS.shape, probs_BNTS.device)
+        dropped = probs_BNTS * keep / (1.0 - req.dropout_p)
+    elif req.dropout_p > 0:
+        dropped = F.dropout(probs_BNTS, req.dropout_p)
+    else:
+        dropped = probs_BNTS
     out_BNTH = torch.matmul(dropped, v_BNSH)
     return out_BNTH.transpose(1, 2), (probs_BNTS if req.need_scores else None)

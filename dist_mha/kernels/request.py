@@ -25,6 +25,8 @@ class AttentionRequest:
         scale: multiplier of `q @ k^T` (Keras: `1 / sqrt(key_dim)`).
         dropout_p: dropout rate on the attention probabilities (0 when not training).
         need_scores: whether the pre-dropout probabilities must be returned.
+        dropout_keep: optional `fn(shape_BNTS, device) -> bool keep-mask` that
+            replaces the kernel's own dropout randomness (TP-invariant mode).
     """
 
     q_BTNH: torch.Tensor
@@ -34,6 +36,7 @@ class AttentionRequest:
     scale: float
     dropout_p: float = 0.0
     need_scores: bool = False
+    dropout_keep: object = None
 
     @property
     def T(self) -> int:

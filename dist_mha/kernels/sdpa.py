@@ -23,6 +23,8 @@ def refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
+    if req.dropout_p > 0 and req.dropout_keep is not None:
+        reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
     return reasons
 
 

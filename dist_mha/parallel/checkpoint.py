@@ -1,0 +1,125 @@
+"""Tensor-parallel checkpoints: per-rank shard files that load at any TP degree.
+
+Every `MultiHeadAttention` puts an `_extra_state` entry in its `state_dict()`
+saying how each of its tensors is sharded (`shard_dims`), at which TP degree
+and rank, plus its RNG stream states. `reshard_state_dicts` uses that to turn
+the state dicts of all ranks of a TP=a run into the state dict of one rank of
+a TP=b run; it works on whole-model state dicts (keys carry module prefixes).
+
+Files are written atomically (temp file + rename) and read with
+`weights_only=True` and `mmap=True`, so a rank touches only the pages it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT = "dist_mha.tp/1"
+_NAME = "tp{rank:03d}-of-{size:03d}.pt"
+_PATTERN = re.compile(r"tp(\d{3})-of-(\d{3})\.pt$")
+
+
+def _layers(sd: dict) -> dict[str, dict]:
+    """`{prefix: extra_state}` for every dist_mha layer in a state dict."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("_extra_state") and isinstance(value, dict) and value.get("format") == FORMAT:
+            out[key[: -len("_extra_state")]] = value
+    return out
+
+
+def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
+    """The state dict of rank `tp_rank` of a TP=`tp_size` run, from all ranks of another run.
+
+    Args:
+        shards: the state dicts of TP ranks 0..a-1 of the saved run, in rank order.
+        tp_size: the new TP degree.
+        tp_rank: this rank's index in the new TP group.
+
+    Returns:
+        A state dict for `load_state_dict` on a model built at `tp_size`.
+
+    Raises:
+        ValueError: if shards are missing or out of order, or a layer's heads
+            do not split over `tp_size`.
+    """
+    if not shards:
+        raise ValueError("Received no shards to reshard.")
+    layers = _layers(shards[0])
+    for prefix, extra in layers.items():
+        if extra["tp_size"] != len(shards):
+            raise ValueError(
+                f"Layer '{prefix or '<root>'}' was saved at TP={extra['tp_size']} but {len(shards)} shard(s) "
+                "were given; pass every rank's state dict, in rank order."
+            )
+        for r, sd in enumerate(shards):
+            if sd[prefix + "_extra_state"]["tp_rank"] != r:
+                raise ValueError(f"Shard {r} holds TP rank {sd[prefix + '_extra_state']['tp_rank']}; pass shards in rank order.")
+        if extra["num_heads"] % tp_size:
+            valid = [d for d in range(1, extra["num_heads"] + 1) if extra["num_heads"] % d == 0]
+            raise ValueError(
+                f"Cannot reshard layer '{prefix or '<root>'}' with num_heads={extra['num_heads']} to TP={tp_size}; "
+                f"valid TP sizes: {valid}."
+            )
+    out = {}
+    for key, value in shards[0].items():
+        prefix = max((p for p in layers if key.startswith(p)), key=len, default=None)
+        if prefix is None:
+            out[key] = value
+            continue
+        extra = layers[prefix]
+        local = key[len(prefix):]
+        if local == "_extra_state":
+            same = extra["tp_size"] == tp_size
+            rng = dict(shards[tp_rank if same else 0][key]["rng"])
+            if not same:
+                # Per-rank streams belong to a rank of the old layout; the new
+                # rank starts its own stream from the layer's seed.
+                rng.pop("attention_dropout", None)
+            out[key] = {**extra, "tp_size": tp_size, "tp_rank": tp_rank, "rng": rng}
+            continue
+        dim = extra["shard_dims"].get(local)
+        if dim is None:
+            out[key] = value
+        else:
+            full = torch.cat([sd[key] for sd in shards], dim=dim)
+            out[key] = full.chunk(tp_size, dim=dim)[tp_rank].clone()
+    return out
+
+
+def save_tp_shard(state_dict: dict, directory, tp_rank: int, tp_size: int) -> Path:
+    """Writes this rank's shard atomically to `directory/tpRRR-of-SSS.pt`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _NAME.format(rank=tp_rank, size=tp_size)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_tp_shard(directory, tp_size: int, tp_rank: int, map_location="cpu") -> dict:
+    """Reads the shards in `directory` (any TP degree) and returns this rank's state dict.
+
+    Raises:
+        FileNotFoundError: if the directory holds no complete set of shards.
+    """
+    directory = Path(directory)
+    found = {}
+    for f in directory.iterdir() if directory.is_dir() else []:
+        m = _PATTERN.search(f.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    complete = [size for size, ranks in found.items() if sorted(ranks) == list(range(size))]
+    if len(complete) != 1:
+        raise FileNotFoundError(
+            f"Expected one complete set of tpRRR-of-SSS.pt shards in {directory}; found sets {sorted(found)} "
+            f"(complete: {complete})."
+        )
+    files = found[complete[0]]
+    shards = [torch.load(files[r], map_location=map_location, weights_only=True, mmap=True) for r in range(complete[0])]
+    return reshard_state_dicts(shards, tp_size, tp_rank)

@@ -1,0 +1,193 @@
+"""Autograd-aware collectives for the tensor-parallel region, named by region.
+
+Each forward collective has its backward twin (Megatron's vocabulary):
+
+| function            | forward                    | backward                   |
+|---------------------|----------------------------|----------------------------|
+| `copy_to_tp`        | identity                   | all-reduce (one, fused)    |
+| `reduce_from_tp`    | all-reduce                 | identity                   |
+| `gather_from_tp`    | all-gather along `dim`     | keep own slice             |
+| `scatter_to_tp`     | keep own slice             | all-gather along `dim`     |
+| `gather_from_sp`    | all-gather along `dim`     | reduce-scatter along `dim` |
+| `reduce_scatter_to_sp` | reduce-scatter along `dim` | all-gather along `dim`  |
+| `all_to_all_tp`     | all-to-all (split `split_dim`, concat `cat_dim`) | the inverse |
+
+`group` is always an argument. `copy_to_tp` takes several tensors and
+all-reduces their gradients as one flat buffer, so a cross-attention call
+still costs exactly one backward all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+# torch 2.13 renamed the flat collectives; older torch only has the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenates every rank's `x` along `dim` (equal shapes)."""
+    world = _size(group)
+    x = x.contiguous()
+    # all_gather_into_tensor concatenates along dim 0; gather there, then move.
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_flat(out, x, group=group)
+    if dim == 0:
+        return out
+    out = out.view(world, *x.shape)
+    return torch.cat(out.unbind(0), dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sums `x` over ranks and keeps this rank's slice along `dim`."""
+    world = _size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {world} ranks")
+    chunks = torch.stack(x.chunk(world, dim=dim), dim=0).contiguous()  # (world, *chunk)
+    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
+    _reduce_scatter_flat(out, chunks.view(-1, *chunks.shape[2:]), group=group)
+    return out
+
+
+def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world, rank = _size(group), dist.get_rank(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {world} ranks")
+    return x.chunk(world, dim=dim)[rank].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, *xs):
+        ctx.group = group
+        outs = tuple(x.view_as(x) for x in xs)
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        if present:
+            flat = torch.cat([g.reshape(-1) for g in present])
+            dist.all_reduce(flat, group=ctx.group)
+            it = iter(flat.split([g.numel() for g in present]))
+            grads = tuple(None if g is None else next(it).view_as(g) for g in grads)
+        return (None, *grads)
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _own_slice(grad, ctx.dim, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x, dim):
+        ctx.group, ctx.dim = group, dim
+        return _own_slice(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _all_gather(grad, ctx.dim, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _reduce_scatter(grad, ctx.dim, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _all_gather(grad, ctx.dim, ctx.group), None
+
+
+class _AllToAllTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x, split_dim, cat_dim):
+        ctx.group, ctx.split_dim, ctx.cat_dim = group, split_dim, cat_dim
+        return _all_to_all(x, split_dim, cat_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _all_to_all(grad, ctx.cat_dim, ctx.split_dim, ctx.group), None, None
+
+
+def _all_to_all(x, split_dim, cat_dim, group):
+    world = _size(group)
+    chunks = torch.stack(x.chunk(world, dim=split_dim), dim=0).contiguous()
+    out = torch.empty_like(chunks)
+    dist.all_to_all_single(out, chunks, group=group)
+    return torch.cat(out.unbind(0), dim=cat_dim)
+
+
+def copy_to_tp(group, *xs):
+    """Enters the TP region: identity forward, one fused all-reduce of the gradients backward."""
+    if _size(group) == 1:
+        return xs if len(xs) > 1 else xs[0]
+    return _CopyToTP.apply(group, *xs)
+
+
+def reduce_from_tp(group, x):
+    """Leaves the TP region: all-reduce (sum) forward, identity backward."""
+    return x if _size(group) == 1 else _ReduceFromTP.apply(group, x)
+
+
+def gather_from_tp(group, x, dim):
+    """All-gathers a TP-sharded tensor along `dim`; backward keeps this rank's slice."""
+    return x if _size(group) == 1 else _GatherFromTP.apply(group, x, dim)
+
+
+def scatter_to_tp(group, x, dim):
+    """Keeps this rank's slice of a replicated tensor along `dim`; backward all-gathers."""
+    return x if _size(group) == 1 else _ScatterToTP.apply(group, x, dim)
+
+
+def gather_from_sp(group, x, dim):
+    """Sequence-parallel entry: all-gather along `dim`; backward reduce-scatters."""
+    return x if _size(group) == 1 else _GatherFromSP.apply(group, x, dim)
+
+
+def reduce_scatter_to_sp(group, x, dim):
+    """Sequence-parallel exit: reduce-scatter along `dim`; backward all-gathers."""
+    return x if _size(group) == 1 else _ReduceScatterToSP.apply(group, x, dim)
+
+
+def all_to_all_tp(group, x, split_dim, cat_dim):
+    """All-to-all: split `split_dim` across ranks, concatenate what arrives along `cat_dim`."""
+    return x if _size(group) == 1 else _AllToAllTP.apply(group, x, split_dim, cat_dim)

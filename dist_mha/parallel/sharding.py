@@ -1,0 +1,115 @@
+"""Head sharding of the Keras-layout weights, and what it implies.
+
+Each TP rank owns `N / tp` consecutive heads: the `N` dim of the q/k/v/gate
+kernels `(D, N, H)` and biases `(N, H)` (column-parallel), and of the
+output kernel `(N, Hv, *out)` (row-parallel). The output bias is replicated.
+Full tensors are never needed for the forward pass; they are gathered only
+for `get_weights`, for non-additive regularizers and for arbitrary callable
+constraints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_mha.parallel.collectives import gather_from_tp, reduce_from_tp
+
+
+def tp_size_of(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank_of(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def check_heads_divisible(num_heads: int, tp_size: int) -> None:
+    """Raises before any collective when heads do not split evenly."""
+    if num_heads % tp_size:
+        valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise ValueError(
+            f"Received num_heads={num_heads} with a tensor-parallel group of size {tp_size}: "
+            f"heads must split evenly across ranks. Valid TP sizes for num_heads={num_heads}: "
+            f"{valid}. Change the TP degree or num_heads."
+        )
+
+
+def head_range(num_heads: int, group) -> tuple[int, int]:
+    local = num_heads // tp_size_of(group)
+    start = tp_rank_of(group) * local
+    return start, start + local
+
+
+def shard_index(global_shape, shard_dim, num_heads, group):
+    """The slices selecting this rank's block of a tensor sharded on `shard_dim`."""
+    if shard_dim is None or tp_size_of(group) == 1:
+        return None
+    h0, h1 = head_range(num_heads, group)
+    return (slice(None),) * shard_dim + (slice(h0, h1),)
+
+
+def gather_full(t: torch.Tensor, shard_dim, group) -> torch.Tensor:
+    """The full tensor from this rank's shard (autograd flows back to the shard)."""
+    if shard_dim is None or tp_size_of(group) == 1:
+        return t
+    return gather_from_tp(group, t, shard_dim)
+
+
+def own_slice(full: torch.Tensor, shard_dim, group) -> torch.Tensor:
+    if shard_dim is None or tp_size_of(group) == 1:
+        return full
+    world, rank = tp_size_of(group), tp_rank_of(group)
+    return full.chunk(world, dim=shard_dim)[rank]
+
+
+def penalty(reg, t: torch.Tensor, shard_dim, group) -> torch.Tensor:
+    """`reg` of the full tensor; shards add up their penalties when `reg` is additive."""
+    if shard_dim is None or tp_size_of(group) == 1:
+        return reg(t)
+    if getattr(reg, "additive", False):
+        return reduce_from_tp(group, reg(t))
+    return reg(gather_full(t, shard_dim, group))
+
+
+def constrain(c, p: torch.Tensor, shard_dim, group) -> torch.Tensor:
+    """Applies constraint `c` to a (possibly sharded) weight, reducing norms that span shards."""
+    if shard_dim is None or tp_size_of(group) == 1:
+        return c(p)
+    if getattr(c, "needs_norm", True):
+        axis = getattr(c, "axis", None)
+        axes = range(p.dim()) if axis is None else ([axis] if isinstance(axis, int) else axis)
+        spans = shard_dim in {a % p.dim() for a in axes}
+        if type(c).__name__ == "_CallableConstraint":
+            return own_slice(c(gather_full(p, shard_dim, group)), shard_dim, group)
+        if spans:
+            def allreduce_sum(x):
+                x = x.clone()
+                dist.all_reduce(x, group=group)
+                return x
+
+            return c(p, allreduce_sum=allreduce_sum)
+    return c(p)
+
+
+def check_ranks_agree(group, values: list[int], names: list[str], device=None) -> None:
+    """Raises on every rank when the ranks of `group` disagree on `values`.
+
+    One all-reduce of `2 * len(values)` int64 (max of v and of -v); every
+    rank sees the same result, so all raise together instead of hanging in a
+    mismatched collective.
+    """
+    # On the inputs' device: NCCL groups take CUDA tensors only.
+    v = torch.tensor(values, dtype=torch.int64, device=device)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = both[: len(values)], -both[len(values) :]
+    hi, lo = hi.tolist(), lo.tolist()
+    bad = [names[i] for i in range(len(values)) if hi[i] != lo[i]]
+    if bad:
+        raise ValueError(
+            f"Tensor-parallel ranks disagree on {', '.join(bad)} (this rank: "
+            f"{', '.join(f'{names[i]}={values[i]}' for i in range(len(values)) if names[i] in bad)}). "
+            "Every rank of a TP group must call the layer with inputs of the same shapes and the "
+            "same call arguments (replicated inputs; sequence shards of equal size)."
+        )
