@@ -114,7 +114,7 @@ def param_dtype(value) -> torch.dtype:
     elif hasattr(value, "variable_dtype"):  # a real Keras DTypePolicy
         name = value.variable_dtype
     if isinstance(name, str):
-        if name.startswith("mixed_"):
+        if name in ("mixed_float16", "mixed_bfloat16"):
             return torch.float32
         if name in _DTYPES:
             return _DTYPES[name]
@@ -137,16 +137,19 @@ def dtype_policy_config(dtype: torch.dtype) -> dict:
 
 def input_shape(name: str, shape) -> tuple:
     """A build shape: sequence of ints/None, rank >= 3, known feature dim."""
+    received = shape
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (None, None, shape)
+    if isinstance(shape, str):
+        raise _invalid(name, "a shape tuple such as (batch, seq, features)", received)
     try:
         shape = tuple(shape)
     except TypeError:
-        raise _invalid(name, "a shape tuple such as (batch, seq, features)", shape) from None
-    if len(shape) < 3 or any(d is not None and (not isinstance(d, int) or d < 0) for d in shape):
-        raise _invalid(name, "a shape of rank >= 3 (batch, ..., features) with ints or None", shape)
+        raise _invalid(name, "a shape tuple such as (batch, seq, features)", received) from None
+    if len(shape) < 3 or any(d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0) for d in shape):
+        raise _invalid(name, "a shape of rank >= 3 (batch, ..., features) with ints or None", received)
     if shape[-1] is None or shape[-1] <= 0:
-        raise _invalid(name, "a shape whose last (feature) dim is a known positive int", shape)
+        raise _invalid(name, "a shape whose last (feature) dim is a known positive int", received)
     return shape
 
 

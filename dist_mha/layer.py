@@ -433,6 +433,8 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         tensors = []
         for name, x in (("query", query), ("value", value), ("key", key)):
             if x is None:
+                if name != "key":
+                    raise ValueError(f"Received an invalid value for argument `{name}`, expected a tensor. Received: {name}=None")
                 tensors.append(None)
                 continue
             if isinstance(x, np.ndarray):

@@ -111,6 +111,7 @@ def _as_bool_mask(mask, name: str, expected_shape, device) -> torch.Tensor:
 def _expand_attention_mask(mask: torch.Tensor, layout: AttentionLayout, scores_shape) -> torch.Tensor:
     """Inserts dims where Keras inserts them, then checks broadcastability."""
     rank = len(scores_shape)
+    received = tuple(mask.shape)
     if mask.dim() > rank:
         raise ValueError(
             "Received an invalid value for argument `attention_mask`, expected at most "
@@ -130,7 +131,7 @@ def _expand_attention_mask(mask: torch.Tensor, layout: AttentionLayout, scores_s
                 f"not broadcast to the attention scores {tuple(scores_shape)} after Keras's "
                 f"dim insertion (got {tuple(mask.shape)}). Pass a mask of shape (B, T, S) "
                 "for rank-3 inputs, or one broadcastable to the scores. Received: "
-                f"attention_mask.shape={tuple(mask.shape)}"
+                f"attention_mask.shape={received}"
             )
     return mask
 
@@ -184,19 +185,21 @@ def build_mask_spec(
         return MaskSpec(causal=True)
 
     # Keras's dense construction, literally: (B, d.., 1) & (B, 1, d..) & (1, T1, S1) ...
-    auto = None
+    parts = []
     if q_keep is not None:
-        auto = q_keep.unsqueeze(-1)
+        parts.append(q_keep.unsqueeze(-1))
     if kv_keep is not None:
-        part = kv_keep.unsqueeze(-2)
-        auto = part if auto is None else auto & part
+        parts.append(kv_keep.unsqueeze(-2))
     if use_causal_mask or sliding_window is not None:
-        part = positional_mask(query_shape[1], value_shape[1], use_causal_mask, sliding_window, device)[None]
-        auto = part if auto is None else auto & part
-    if auto is not None:
+        parts.append(positional_mask(query_shape[1], value_shape[1], use_causal_mask, sliding_window, device)[None])
+    auto = None
+    if parts:
         try:
+            auto = parts[0]
+            for part in parts[1:]:
+                auto = auto & part
             auto = _expand_attention_mask(auto, layout, scores_shape)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise ValueError(
                 "The query/value/key masks and causal mask of this call do not broadcast to "
                 f"the attention scores {tuple(scores_shape)} (Keras builds them as "

@@ -23,9 +23,15 @@ import torch
 import torch.distributed as dist
 
 
-# torch 2.13 renamed the flat collectives; older torch only has the old names.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _all_gather_flat(out, x, group):
+    # torch 2.13 renamed the flat collectives; older torch has only the old names.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group)
+
+
+def _reduce_scatter_flat(out, x, group):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, group=group)
 
 
 def _size(group) -> int:
