@@ -276,8 +276,8 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
             proj = EinsumProjection(
                 name, in_dims, out_dims, self._use_bias, eq, activation=act, dtype=self._param_dtype,
-                device=self._device, kernel_shard_dim=k_dim if self.tp_size > 1 else None,
-                bias_shard_dim=b_dim if self.tp_size > 1 else None, global_kernel_shape=global_kernel,
+                device=self._device, kernel_shard_dim=k_dim,
+                bias_shard_dim=b_dim, global_kernel_shape=global_kernel,
                 global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
             )
             self.add_module(name, proj)

@@ -8,3 +8,29 @@ module imports keras.
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """Four gloo rank processes shared by every multi-process test (TP groups 1, 2, 4)."""
+    from dist_mha.testing import RankPool
+
+    pool = RankPool(world_size=4, tp_sizes=(1, 2, 4), timeout=30.0)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def cuda_rank_pool():
+    """The same on CUDA tensors (gloo: NCCL refuses two ranks on one GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA, found none")
+    from dist_mha.testing import RankPool
+
+    pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=60.0, device="cuda")
+    yield pool
+    pool.close()

@@ -1,0 +1,108 @@
+"""Tensor parallelism against the single-device reference, in a persistent gloo pool.
+
+Four rank processes (TP groups of 1, 2 and 4) are shared by every test here;
+see `dist_mha.testing.pool`. Tolerances are those of
+`dist_mha.testing.parity.TOLERANCE` (float32 1e-5, float64 1e-10, weight
+gradients 10x, all relative to the compared magnitudes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tp_tasks
+
+TP_SIZES = [1, 2, 4]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_tp_matches_reference_for_every_case(rank_pool, tp, dtype):
+    reports = rank_pool.run(tp_tasks.parity_matrix, tp, dtype)
+    names = [c[0] for c in tp_tasks.parity_cases()]
+    for report in reports:
+        assert sorted(report) == sorted(names)
+    if dtype == "float64":
+        # Same math, different summation order across ranks: far below 1e-10.
+        assert max(v for r in reports for e in r.values() for v in e.values()) < 1e-12
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_tp_forward_and_backward_each_do_exactly_one_all_reduce(rank_pool, cross):
+    for tp in (2, 4):
+        for counts in rank_pool.run(tp_tasks.comm_counts, tp, False, False, cross):
+            assert counts["forward"] == {"all_reduce": 1}
+            assert counts["backward"] == {"all_reduce": 1}
+
+
+def test_rank_agreement_check_costs_one_small_all_reduce(rank_pool):
+    for counts in rank_pool.run(tp_tasks.comm_counts, 2, False, True, True):
+        assert counts["forward"] == {"all_reduce": 2}
+        sizes = sorted(n for _, n in counts["forward_sizes"])
+        assert sizes[0] <= 128 and sizes[1] == 2 * 8 * 12  # the check (< 1 KiB of int64), then the (B, T, E) output
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_sequence_parallel_gathers_inputs_and_reduce_scatters_output(rank_pool, cross):
+    gather = "all_gather_single" if hasattr(torch.distributed, "all_gather_single") else "all_gather_into_tensor"
+    scatter = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+    inputs = 2 if cross else 1
+    for counts in rank_pool.run(tp_tasks.comm_counts, 2, True, False, cross):
+        assert counts["forward"] == {gather: inputs, scatter: 1}
+        # Backward: the output's all-gather, the inputs' reduce-scatters, and
+        # one all-reduce summing the output-bias gradient of the rows each rank owns.
+        assert counts["backward"] == {gather: 1, scatter: inputs, "all_reduce": 1}
+
+
+def test_heads_not_divisible_fail_before_any_collective(rank_pool):
+    messages = rank_pool.run(tp_tasks.bad_head_count, 4)
+    for msg in messages:
+        assert msg is not None and "num_heads=6" in msg and "[1, 2, 3, 6]" in msg
+
+
+def test_ranks_with_different_shapes_get_an_error_not_a_hang(rank_pool):
+    messages = rank_pool.run(tp_tasks.disagreeing_shapes, 2, timeout=60)
+    for msg in messages:
+        assert msg is not None and "query.shape[1]" in msg and "disagree" in msg
+
+
+@pytest.mark.parametrize("kernel_init,bias_init", [
+    ("glorot_uniform", "random_normal"), ("he_normal", "random_uniform"), ("truncated_normal", "ones"),
+    ("lecun_uniform", "zeros"), ("orthogonal", "truncated_normal")])
+def test_initialisation_is_bitwise_independent_of_tp_degree(rank_pool, kernel_init, bias_init):
+    for tp in (2, 4):
+        assert all(rank_pool.run(tp_tasks.init_invariance, tp, kernel_init, bias_init))
+
+
+def test_one_sgd_step_at_tp2_equals_tp1(rank_pool):
+    for tp in (2, 4):
+        for err in rank_pool.run(tp_tasks.sgd_step, tp):
+            assert err < 1e-12
+
+
+@pytest.mark.parametrize("constraint", ["max_norm", "unit_norm", "min_max_norm", "non_neg", "callable"])
+def test_constraints_and_losses_use_full_weights_under_tp(rank_pool, constraint):
+    import tp_tasks as t
+
+    c = t.halve_if_large if constraint == "callable" else constraint
+    for w_err, loss_err in rank_pool.run(tp_tasks.constraints_and_losses, 2, c):
+        assert w_err < 1e-12 and loss_err < 1e-9
+
+
+def test_per_rank_dropout_streams(rank_pool):
+    for tp in (2, 4):
+        for r in rank_pool.run(tp_tasks.per_rank_dropout, tp):
+            assert r == dict(reproducible=True, calls_differ=True, ranks_differ=True,
+                             eval_heads_equal=True, replicated_equal=True)
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (2, 1), (2, 4), (4, 1), (4, 2)])
+def test_checkpoint_written_at_tp_a_loads_at_tp_b(rank_pool, tmp_path, a, b):
+    for err, seed in rank_pool.run(tp_tasks.reshard_checkpoint, a, b, str(tmp_path)):
+        assert err < 1e-12
+        assert seed == 99  # the loading layer keeps its own constructor seed
+
+
+def test_same_parity_on_cuda(cuda_rank_pool):
+    cuda_rank_pool.run(tp_tasks.parity_matrix, 2, "float32")
