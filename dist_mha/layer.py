@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext as _nullcontext
 
-import numpy as np
 import torch
 from torch import nn
 
 from dist_mha import config as cfg
-from dist_mha import constraints, initializers, regularizers
+from dist_mha import constraints, initializers, inputs, regularizers
 from dist_mha.keras_api import KerasLayerAPI
 from dist_mha.kernels import AttentionRequest, attention
 from dist_mha.layout import AttentionLayout, normalize_attention_axes
@@ -32,7 +31,6 @@ from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, st
 # Stable per-weight salts: each kernel (and bias) gets its own random draw,
 # independent of build order and of the other weights' shapes.
 _SALTS = {"query": 1, "key": 2, "value": 3, "attention_output": 4, "gate": 5}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DROPOUT_MODES = ("per_rank", "tp_invariant")
 
 
@@ -348,7 +346,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         *,
         local_scores=False,
     ):
-        query, value, key = self._check_inputs(query, value, key)
+        query, value, key = inputs.check_inputs(self, query, value, key)
         return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
         use_causal_mask = cfg.boolean("use_causal_mask", use_causal_mask)
         if training is not None:
@@ -357,7 +355,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
         if self.tp_size > 1:
-            self._check_tp_call(query, value, key, [query_mask, value_mask, key_mask, attention_mask],
+            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
                                 return_attention_scores, use_causal_mask, dropout_p > 0)
             query, value, key = region.enter(group, sp, query, value, key)
 
@@ -413,79 +411,6 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         if not local_scores:
             scores = sharding.gather_full(scores, len(layout.batch_dims), group)
         return output, scores
-
-    def _check_tp_call(self, query, value, key, masks, return_scores, causal, dropout):
-        if not self.check_ranks:
-            return
-        values, names = [], []
-        for name, x in (("query", query), ("value", value), ("key", key)):
-            dims = list(x.shape) + [0] * (8 - x.dim())
-            values += [x.dim(), *dims, _FLOAT_DTYPES.index(x.dtype)]
-            names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
-        for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask"), masks):
-            values.append(-1 if m is None else int(np.prod(np.shape(m))))
-            names.append(f"{name}.numel")
-        values += [int(return_scores), int(causal), int(dropout)]
-        names += ["return_attention_scores", "use_causal_mask", "dropout active"]
-        sharding.check_ranks_agree(self.tp_group, values, names, device=query.device)
-
-    def _check_inputs(self, query, value, key):
-        tensors = []
-        for name, x in (("query", query), ("value", value), ("key", key)):
-            if x is None:
-                if name != "key":
-                    raise ValueError(f"Received an invalid value for argument `{name}`, expected a tensor. Received: {name}=None")
-                tensors.append(None)
-                continue
-            if isinstance(x, np.ndarray):
-                x = torch.from_numpy(x)
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"Received an invalid value for argument `{name}`, expected a torch.Tensor or numpy array. Received: {name} of type {type(x).__name__}")
-            if x.dtype not in _FLOAT_DTYPES:
-                raise ValueError(
-                    f"Received an invalid value for argument `{name}`, expected a floating tensor "
-                    f"(float16, bfloat16, float32, float64). Received: {name}.dtype={x.dtype}"
-                )
-            if x.dim() < 3:
-                raise ValueError(
-                    f"Received an invalid value for argument `{name}`, expected a tensor of rank >= 3 "
-                    f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
-                )
-            tensors.append(x)
-        query, value, key = tensors
-        key = value if key is None else key
-        for name, x in (("value", value), ("key", key)):
-            if x.dtype != query.dtype or x.device != query.device:
-                raise ValueError(
-                    f"`{name}` must have the query's dtype and device. Received: query {query.dtype} on "
-                    f"{query.device}, {name} {x.dtype} on {x.device}"
-                )
-        if not self.built:
-            if self._device is None:
-                self._device = query.device
-            self.build(tuple(query.shape), tuple(value.shape), tuple(key.shape))
-        dq, dv, dk, rank = self._built_dims
-        for name, x, d in (("query", query, dq), ("value", value, dv), ("key", key, dk)):
-            if x.dim() != rank or x.shape[-1] != d:
-                raise ValueError(
-                    f"Received an invalid value for argument `{name}`: the layer was built for rank-{rank} "
-                    f"inputs with {d} features, got shape {tuple(x.shape)}. Build a new layer for other shapes."
-                )
-        if value.shape[:-1] != key.shape[:-1]:
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, must be equal. "
-                f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
-            )
-        batch_dims = [d for d in range(rank - 1) if d not in self._attention_axes]
-        for d in batch_dims:
-            if query.shape[d] != value.shape[d]:
-                raise ValueError(
-                    f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
-                    f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
-                )
-        if self.query_dense.kernel.device != query.device:
-            raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {self.query_dense.kernel.device}; move one of them (layer.to(device)).")
-        return query, value, key
 
     def _record_activity(self, q, k, gate, v, output) -> None:
         self._activity_losses = []
