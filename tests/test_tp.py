@@ -106,3 +106,24 @@ def test_checkpoint_written_at_tp_a_loads_at_tp_b(rank_pool, tmp_path, a, b):
 
 def test_same_parity_on_cuda(cuda_rank_pool):
     cuda_rank_pool.run(tp_tasks.parity_matrix, 2, "float32")
+
+
+def test_region_collectives_forward_and_backward_twins(rank_pool):
+    for tp in (2, 4):
+        for checked in rank_pool.run(tp_tasks.collective_twins, tp):
+            assert len(checked) == 7
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_parallel_state_groups_are_tp_contiguous_and_mpu_matches(rank_pool, tp):
+    for info in rank_pool.run(tp_tasks.parallel_state_layout, tp):
+        r = info["rank"]
+        assert info["tp_ranks"] == list(range(r - r % tp, r - r % tp + tp))
+        assert info["dp_ranks"] == list(range(r % tp, info["world"], tp))
+        assert info["mpu"] == (r % tp, tp, r // tp, info["world"] // tp, tp, 1)
+        assert info["group_is_tp"]
+
+
+def test_parallel_state_rejects_tp_not_dividing_world(rank_pool):
+    for msg in rank_pool.run(tp_tasks.bad_parallel_state, 3):
+        assert msg is not None and "tp_size=3" in msg and "[1, 2, 4]" in msg

@@ -234,3 +234,71 @@ def reshard_checkpoint(ctx, a, b, directory):
 def halve_if_large(w):
     """A callable constraint whose result depends on the whole tensor."""
     return w / 2 if w.abs().max() > 0.1 else w
+
+
+def collective_twins(ctx, tp):
+    """Each region function's forward and backward against explicit formulas on gathered data."""
+    from dist_mha.parallel import collectives as c
+
+    group = ctx.group(tp)
+    r = dist.get_rank(group)
+
+    def gather_all(t):
+        out = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(out, t.contiguous(), group=group)
+        return out
+
+    cases = {
+        "copy_to_tp": (lambda x: c.copy_to_tp(group, x), lambda X: X[r], lambda W: sum(W)),
+        "reduce_from_tp": (lambda x: c.reduce_from_tp(group, x), lambda X: sum(X), lambda W: W[r]),
+        "gather_from_tp": (lambda x: c.gather_from_tp(group, x, 1), lambda X: torch.cat(X, 1),
+                           lambda W: W[r].chunk(tp, 1)[r]),
+        "scatter_to_tp": (lambda x: c.scatter_to_tp(group, x, 1), lambda X: X[r].chunk(tp, 1)[r],
+                          lambda W: torch.cat(W, 1)),
+        "gather_from_sp": (lambda x: c.gather_from_sp(group, x, 1), lambda X: torch.cat(X, 1),
+                           lambda W: sum(W).chunk(tp, 1)[r]),
+        "reduce_scatter_to_sp": (lambda x: c.reduce_scatter_to_sp(group, x, 1), lambda X: sum(X).chunk(tp, 1)[r],
+                                 lambda W: torch.cat(W, 1)),
+        "all_to_all_tp": (lambda x: c.all_to_all_tp(group, x, 1, 2),
+                          lambda X: torch.cat([Xs.chunk(tp, 1)[r] for Xs in X], 2),
+                          lambda W: torch.cat([Ws.chunk(tp, 2)[r] for Ws in W], 1)),
+    }
+    checked = []
+    for name, (fn, expect_y, expect_grad) in cases.items():
+        gen = torch.Generator().manual_seed(100 * r + len(checked))
+        x = torch.randn(2, 4 * tp, 3 * tp, generator=gen, dtype=torch.float64, requires_grad=True)
+        y = fn(x)
+        w = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        (y * w).sum().backward()
+        X, W = gather_all(x.detach()), gather_all(w)
+        torch.testing.assert_close(y.detach(), expect_y(X), rtol=0, atol=1e-12, msg=f"{name} forward")
+        torch.testing.assert_close(x.grad, expect_grad(W), rtol=0, atol=1e-12, msg=f"{name} backward")
+        checked.append(name)
+    return checked
+
+
+def parallel_state_layout(ctx, tp):
+    from dist_mha.parallel import MPU, build_parallel_state
+
+    state = build_parallel_state(tp)
+    mpu = MPU(state)
+    world = dist.get_world_size()
+    return dict(
+        tp_ranks=dist.get_process_group_ranks(state.tp_group),
+        dp_ranks=dist.get_process_group_ranks(state.dp_group),
+        mpu=(mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size(),
+             mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(),
+             mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()),
+        group_is_tp=mpu.get_model_parallel_group() is state.tp_group and mpu.get_data_parallel_group() is state.dp_group,
+        rank=dist.get_rank(), world=world,
+    )
+
+
+def bad_parallel_state(ctx, tp):
+    from dist_mha.parallel import build_parallel_state
+
+    try:
+        build_parallel_state(tp)
+    except ValueError as err:
+        return str(err)
+    return None
