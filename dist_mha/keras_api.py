@@ -11,6 +11,7 @@ import torch
 
 from dist_mha import config as cfg
 from dist_mha import constraints, initializers, regularizers
+from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
@@ -110,8 +111,6 @@ class KerasLayerAPI:
         `dist_mha.parallel.checkpoint.reshard_state_dicts` reads it to load a
         checkpoint written at one TP degree into a layer at another.
         """
-        from dist_mha.parallel.checkpoint import FORMAT
-
         dims = {}
         for name in _ORDER:
             proj = self._modules.get(name)
@@ -119,21 +118,13 @@ class KerasLayerAPI:
                 dims[f"{name}.kernel"] = proj.kernel_shard_dim
                 if proj.bias is not None:
                     dims[f"{name}.bias"] = proj.bias_shard_dim
-        streams = {s.name: s.state_dict() for s in self.rng_streams()} if self.built else {}
-        return {"format": FORMAT, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
-                "num_heads": self._num_heads, "shard_dims": dims, "rng": streams}
+        streams = self.rng_streams() if self.built else ()
+        return tp_checkpoint.extra_state(self, dims, self._num_heads, "heads", streams)
 
     def set_extra_state(self, state) -> None:
-        if not isinstance(state, dict) or "tp_size" not in state:
-            return
-        if state["tp_size"] != self.tp_size or state["tp_rank"] != self.tp_rank:
-            raise ValueError(
-                f"This state dict holds TP rank {state['tp_rank']} of {state['tp_size']}, but layer "
-                f"'{self.name}' is rank {self.tp_rank} of {self.tp_size}. Reshard it first with "
-                "dist_mha.parallel.checkpoint.reshard_state_dicts (or load_tp_shard)."
-            )
+        rng = tp_checkpoint.check_extra_state(self, state, self.name)
         by_name = {s.name: s for s in self.rng_streams()}
-        for name, st in state.get("rng", {}).items():
+        for name, st in rng.items():
             if name in by_name:
                 by_name[name].load_state_dict(st)
 

@@ -270,7 +270,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         specs.append(("value", (dv,), (n, Hv), (dv, N, Hv), 1, 0, in_eq, None))
         specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None,
                       projection_equation(rank - 1, 2, len(out)), None))
-        base = self._agreed_random_base()
+        base = sharding.agreed_random_base(self.tp_group, self._device)
         for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
             proj = EinsumProjection(
                 name, in_dims, out_dims, self._use_bias, eq, activation=act, dtype=self._param_dtype,
@@ -284,17 +284,6 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         self._built_dims = (dq, dv, dk, rank)
         self.built = True
         self.trainable = self._trainable
-
-    def _agreed_random_base(self) -> int:
-        """One draw from torch's global RNG, the same on every TP rank (rank 0's)."""
-        base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-        if self.tp_size > 1:
-            import torch.distributed as dist
-
-            device = self._device if self._device is not None and self._device.type == "cuda" else "cpu"
-            base = base.to(device)
-            dist.broadcast(base, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-        return int(base.item())
 
     def _initialize(self, proj: EinsumProjection, base: int) -> None:
         # Fans come from the global kernel; each element's value depends only

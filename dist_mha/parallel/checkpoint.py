@@ -1,8 +1,9 @@
 """Tensor-parallel checkpoints: per-rank shard files that load at any TP degree.
 
-Every `MultiHeadAttention` puts an `_extra_state` entry in its `state_dict()`
-saying how each of its tensors is sharded (`shard_dims`), at which TP degree
-and rank, plus its RNG stream states. `reshard_state_dicts` uses that to turn
+Every sharded module (`MultiHeadAttention`, the parallel linears) puts an
+`_extra_state` entry in its `state_dict()` saying how each of its tensors is
+sharded (`shard_dims`), at which TP degree and rank, how many units the
+sharded dim splits (`shard_units`: heads, features), plus RNG stream states. `reshard_state_dicts` uses that to turn
 the state dicts of all ranks of a TP=a run into the state dict of one rank of
 a TP=b run; it works on whole-model state dicts (keys carry module prefixes).
 
@@ -21,6 +22,26 @@ import torch
 FORMAT = "dist_mha.tp/1"
 _NAME = "tp{rank:03d}-of-{size:03d}.pt"
 _PATTERN = re.compile(r"tp(\d{3})-of-(\d{3})\.pt$")
+
+
+def extra_state(module, shard_dims: dict, shard_units: int, unit_name: str, streams=()) -> dict:
+    """The `_extra_state` payload of a sharded module (see the module docstring)."""
+    return {"format": FORMAT, "tp_size": getattr(module, "tp_size", 1), "tp_rank": getattr(module, "tp_rank", 0),
+            "shard_units": shard_units, "unit_name": unit_name, "shard_dims": dict(shard_dims),
+            "rng": {s.name: s.state_dict() for s in streams}}
+
+
+def check_extra_state(module, state, name: str) -> dict:
+    """Validates a loaded `_extra_state` against `module`; returns its RNG states."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return {}
+    if state["tp_size"] != module.tp_size or state["tp_rank"] != module.tp_rank:
+        raise ValueError(
+            f"This state dict holds TP rank {state['tp_rank']} of {state['tp_size']}, but '{name}' is rank "
+            f"{module.tp_rank} of {module.tp_size}. Reshard it first with "
+            "dist_mha.parallel.checkpoint.reshard_state_dicts (or load_tp_shard)."
+        )
+    return state.get("rng", {})
 
 
 def _layers(sd: dict) -> dict[str, dict]:
@@ -59,11 +80,12 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
         for r, sd in enumerate(shards):
             if sd[prefix + "_extra_state"]["tp_rank"] != r:
                 raise ValueError(f"Shard {r} holds TP rank {sd[prefix + '_extra_state']['tp_rank']}; pass shards in rank order.")
-        if extra["num_heads"] % tp_size:
-            valid = [d for d in range(1, extra["num_heads"] + 1) if extra["num_heads"] % d == 0]
+        units = extra["shard_units"]
+        if units % tp_size:
+            valid = [d for d in range(1, units + 1) if units % d == 0]
             raise ValueError(
-                f"Cannot reshard layer '{prefix or '<root>'}' with num_heads={extra['num_heads']} to TP={tp_size}; "
-                f"valid TP sizes: {valid}."
+                f"Cannot reshard layer '{prefix or '<root>'}' ({units} {extra['unit_name']} split across ranks) "
+                f"to TP={tp_size}; valid TP sizes: {valid}."
             )
     out = {}
     for key, value in shards[0].items():

@@ -92,6 +92,20 @@ def constrain(c, p: torch.Tensor, shard_dim, group) -> torch.Tensor:
     return c(p)
 
 
+def agreed_random_base(group, device=None) -> int:
+    """One draw from torch's global RNG, the same on every rank of `group` (its rank 0's).
+
+    Seeds everything a sharded module randomises, so that `torch.manual_seed`
+    governs it and TP=N draws exactly what TP=1 draws.
+    """
+    base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if tp_size_of(group) > 1:
+        dev = device if device is not None and torch.device(device).type == "cuda" else "cpu"
+        base = base.to(dev)
+        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=group)
+    return int(base.item())
+
+
 def check_ranks_agree(group, values: list[int], names: list[str], device=None) -> None:
     """Raises on every rank when the ranks of `group` disagree on `values`.
 
