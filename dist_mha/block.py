@@ -1,0 +1,100 @@
+"""A pre-norm transformer block built on dist_mha, tensor-parallel end to end.
+
+Shape legend: B batch, T sequence (T/tp per rank under sequence parallelism), E embed dim.
+
+    x -> LayerNorm -> MultiHeadAttention (heads split) -> dropout -> + x
+      -> LayerNorm -> ColumnParallelLinear -> GELU -> RowParallelLinear -> dropout -> +
+
+Per layer call: one all-reduce forward and one backward in each of the two
+sublayers (none in between: the MLP's hidden activations stay sharded).
+Residual dropout acts on tensors every TP rank holds in full, so it draws
+from the attention layer's replicated stream (equal masks on all TP ranks);
+under sequence parallelism each rank holds different rows and draws from a
+per-rank stream instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_mha.layer import MultiHeadAttention
+from dist_mha.parallel import sharding
+from dist_mha.parallel.linear import ColumnParallelLinear, ParallelLayerNorm, RowParallelLinear
+from dist_mha.rng_streams import RNGStream, stream_seed
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + MLP block.
+
+    Args:
+        embed_dim: E.
+        num_heads: attention heads (divisible by the TP size).
+        mlp_ratio: MLP hidden size as a multiple of E.
+        dropout: residual dropout rate.
+        attention_dropout: dropout on attention probabilities.
+        causal: apply a causal mask (decoder block).
+        attention: optional module replacing the default `MultiHeadAttention`;
+            it is called as `attention(h, h, value_mask=..., use_causal_mask=...)`.
+        tp_group, sequence_parallel: tensor parallelism, as in `MultiHeadAttention`.
+        seed: seeds dropout streams (None: drawn from torch's global RNG).
+        dropout_mode: attention dropout mode ("per_rank" or "tp_invariant").
+        device, dtype: of the parameters.
+
+    Call arguments:
+        x: `(B, T, E)` (or `(B, T/tp, E)` under sequence parallelism).
+        padding_mask: optional bool `(B, T)`, True for real tokens (always full length).
+
+    Returns:
+        A tensor shaped like `x`.
+
+    Example:
+
+    >>> block = TransformerBlock(64, 4)
+    >>> block(torch.randn(2, 10, 64)).shape
+    torch.Size([2, 10, 64])
+    """
+
+    def __init__(self, embed_dim, num_heads, *, mlp_ratio=4, dropout=0.0, attention_dropout=0.0, causal=True,
+                 attention=None, tp_group=None, sequence_parallel=False, seed=None, dropout_mode="per_rank",
+                 device=None, dtype=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"Received embed_dim={embed_dim} not divisible by num_heads={num_heads}.")
+        self.causal = causal
+        self.dropout = dropout
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+        seed = sharding.agreed_random_base(tp_group, device) if seed is None else seed
+        ln = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.norm1 = ParallelLayerNorm(embed_dim, **ln)
+        self.attention = attention if attention is not None else MultiHeadAttention(
+            num_heads, embed_dim // num_heads, dropout=attention_dropout, seed=seed, query_shape=embed_dim,
+            tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode, device=device,
+            dtype=dtype,
+        )
+        self.norm2 = ParallelLayerNorm(embed_dim, **ln)
+        hidden = mlp_ratio * embed_dim
+        lin = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.fc1 = ColumnParallelLinear(embed_dim, hidden, salt=1, **lin)
+        self.fc2 = RowParallelLinear(hidden, embed_dim, salt=2, **lin)
+        rank = sharding.tp_rank_of(tp_group)
+        self.residual_stream = RNGStream(
+            stream_seed(seed, "residual", rank if self.sequence_parallel else None), "residual"
+        )
+
+    def rng_streams(self):
+        return [self.residual_stream]
+
+    def _drop(self, x):
+        if not (self.training and self.dropout > 0):
+            return x
+        with self.residual_stream.fork(x.device):
+            return F.dropout(x, self.dropout, training=True)
+
+    def forward(self, x, padding_mask=None):
+        h = self.norm1(x)
+        x = x + self._drop(self.attention(h, h, value_mask=padding_mask, use_causal_mask=self.causal))
+        h = self.norm2(x)
+        return x + self._drop(self.fc2(F.gelu(self.fc1(h))))

@@ -1,0 +1,77 @@
+"""A small decoder-only language model made of `TransformerBlock`s.
+
+Shape legend: B batch, T sequence, E embed dim, V vocabulary.
+
+Embeddings, final norm and the (tied) output head are replicated on every
+TP rank; the blocks are tensor-parallel. Under sequence parallelism the
+embedded sequence is split on T after the embedding and gathered before the
+head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_mha import initializers
+from dist_mha.block import TransformerBlock
+from dist_mha.parallel import sharding
+from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
+from dist_mha.parallel.linear import ParallelLayerNorm
+
+
+class DecoderLM(nn.Module):
+    """Token + position embedding -> blocks -> LayerNorm -> tied head.
+
+    Args:
+        vocab_size: V.
+        max_len: longest sequence.
+        embed_dim, num_heads, num_layers, mlp_ratio: the shape of the model.
+        dropout: residual and embedding dropout; attention_dropout: on attention probabilities.
+        tp_group, sequence_parallel, dropout_mode: tensor parallelism (see `MultiHeadAttention`).
+        seed: seeds dropout streams (None: drawn from torch's global RNG).
+        device, dtype: of the parameters.
+
+    Call arguments:
+        tokens: int64 `(B, T)`; `T` divisible by the TP size under sequence parallelism.
+
+    Returns:
+        Logits `(B, T, V)`.
+    """
+
+    def __init__(self, vocab_size, max_len, embed_dim=64, num_heads=4, num_layers=2, mlp_ratio=4, dropout=0.0,
+                 attention_dropout=0.0, *, tp_group=None, sequence_parallel=False, dropout_mode="per_rank", seed=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+        base = sharding.agreed_random_base(tp_group, device)
+        init = initializers.RandomNormal(stddev=0.02)
+        self.tok = nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
+        self.pos = nn.Embedding(max_len, embed_dim, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.tok.weight.copy_(init((vocab_size, embed_dim), self.tok.weight.dtype, device=device, salt=1, base_seed=base))
+            self.pos.weight.copy_(init((max_len, embed_dim), self.pos.weight.dtype, device=device, salt=2, base_seed=base))
+        seed = base if seed is None else seed
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                             attention_dropout=attention_dropout, tp_group=tp_group,
+                             sequence_parallel=sequence_parallel, seed=seed + 1000 * (i + 1),
+                             dropout_mode=dropout_mode, device=device, dtype=dtype)
+            for i in range(num_layers)
+        )
+        self.norm = ParallelLayerNorm(embed_dim, tp_group=tp_group, sequence_parallel=sequence_parallel,
+                                      device=device, dtype=dtype)
+
+    def forward(self, tokens):
+        T = tokens.shape[1]
+        x = self.tok(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        if self.sequence_parallel:
+            x = scatter_to_tp(self.tp_group, x, 1)  # (B, T/tp, E)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if self.sequence_parallel:
+            x = gather_from_tp(self.tp_group, x, 1)  # (B, T, E)
+        return F.linear(x, self.tok.weight)

@@ -1,0 +1,114 @@
+"""Column- and row-parallel linear layers (Megatron's MLP split).
+
+Shape legend: B batch, T sequence (T/tp per rank under sequence parallelism),
+I input features, O output features.
+
+`ColumnParallelLinear` keeps `O/tp` output features per rank (weight `(O/tp, I)`),
+taking a replicated input (or gathering a sequence-sharded one) and giving a
+feature-sharded output. `RowParallelLinear` takes that feature-sharded input
+(weight `(O, I/tp)`), sums the ranks' partial outputs and adds the replicated
+bias once. Their weights are initialised blockwise from the global shape
+(Keras glorot_uniform, zero bias), so results do not depend on the TP degree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_mha import initializers
+from dist_mha.parallel import checkpoint as tp_checkpoint
+from dist_mha.parallel import region, sharding
+from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
+
+
+class _ParallelLinear(nn.Module):
+    shard_dim = 0  # of the weight
+
+    def __init__(self, in_features, out_features, *, bias=True, tp_group=None, sequence_parallel=False,
+                 device=None, dtype=None, salt=0):
+        super().__init__()
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = sharding.tp_size_of(tp_group), sharding.tp_rank_of(tp_group)
+        self.sequence_parallel = sequence_parallel
+        units = out_features if self.shard_dim == 0 else in_features
+        if units % self.tp_size:
+            valid = [d for d in range(1, units + 1) if units % d == 0]
+            raise ValueError(
+                f"{type(self).__name__}: {units} features do not split across a TP group of "
+                f"{self.tp_size}; valid TP sizes: {valid}."
+            )
+        self.in_features, self.out_features, self.units = in_features, out_features, units
+        global_shape = (out_features, in_features)
+        local = list(global_shape)
+        local[self.shard_dim] //= self.tp_size
+        index = (slice(None),) * self.shard_dim + (slice(self.tp_rank * local[self.shard_dim], (self.tp_rank + 1) * local[self.shard_dim]),)
+        base = sharding.agreed_random_base(tp_group, device)
+        w = initializers.GlorotUniform()(global_shape, dtype, device=device, fan_in=in_features,
+                                         fan_out=out_features, salt=salt, base_seed=base, index=index)
+        self.weight = nn.Parameter(w)
+        bias_local = out_features // self.tp_size if self.shard_dim == 0 else out_features
+        self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=w.dtype)) if bias else None
+
+    def get_extra_state(self):
+        bias_dim = 0 if self.shard_dim == 0 else None
+        return tp_checkpoint.extra_state(self, {"weight": self.shard_dim, "bias": bias_dim}, self.units, "features")
+
+    def set_extra_state(self, state):
+        tp_checkpoint.check_extra_state(self, state, type(self).__name__)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}, local_weight={tuple(self.weight.shape)}"
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """`(B, T, I)` replicated (or `(B, T/tp, I)` under SP) -> `(B, T, O/tp)`.
+
+    Args:
+        in_features, out_features: global sizes.
+        bias: whether each rank adds its slice of the bias.
+        tp_group: process group, or None.
+        sequence_parallel: the input is sharded on dim 1 and gathered here.
+        device, dtype: of the parameters.
+    """
+
+    shard_dim = 0
+
+    def forward(self, x):
+        if self.tp_size > 1:
+            x = gather_from_sp(self.tp_group, x, 1) if self.sequence_parallel else copy_to_tp(self.tp_group, x)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(_ParallelLinear):
+    """`(B, T, I/tp)` -> `(B, T, O)` replicated (or `(B, T/tp, O)` under SP).
+
+    Args: as `ColumnParallelLinear`; the bias is replicated and added once.
+    """
+
+    shard_dim = 1
+
+    def forward(self, x):
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        return region.leave(self.tp_group, self.sequence_parallel, F.linear(x, self.weight), self.bias)
+
+
+class ParallelLayerNorm(nn.LayerNorm):
+    """LayerNorm whose (replicated) parameters stay in sync under sequence parallelism.
+
+    With SP each rank normalises only its rows, so its parameter gradients are
+    partial; entering the parameters through `copy_to_tp` sums them.
+    """
+
+    def __init__(self, normalized_shape, *, tp_group=None, sequence_parallel=False, **kwargs):
+        super().__init__(normalized_shape, **kwargs)
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+
+    def forward(self, x):
+        if not self.sequence_parallel:
+            return super().forward(x)
+        w, b = copy_to_tp(self.tp_group, self.weight, self.bias)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)

@@ -1,0 +1,1 @@
+"""Training: distributed start-up, synthetic/text data, checkpoints, the loop, the Hydra app."""

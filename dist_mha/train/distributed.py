@@ -1,0 +1,79 @@
+"""Process-group start-up for torchrun, the deepspeed launcher, srun, or a single process.
+
+Ranks come from the environment (`RANK`/`WORLD_SIZE`/`LOCAL_RANK`, or
+SLURM's `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID` under plain srun).
+The store is wrapped in a prefix keyed by `TORCHELASTIC_RESTART_COUNT`: after
+a torchrun restart the rendezvous store still holds the first attempt's gloo
+keys, and a fresh prefix keeps the new attempt from reading them (the
+alternative, `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`, is exported by our
+launch scripts too).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    restart: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names, default=None):
+    for n in names:
+        if os.environ.get(n) not in (None, ""):
+            return int(os.environ[n])
+    return default
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 120.0) -> DistInfo:
+    """Initialises the default process group from the environment (no-op for one process).
+
+    Args:
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        backend: "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl".
+        timeout_s: collective timeout.
+
+    Returns:
+        This process's `DistInfo`.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", default=0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        port = _env_int("MASTER_PORT")
+        if port is None:
+            raise ValueError("MASTER_PORT is not set: launch with torchrun, the deepspeed launcher, or a slurm/ script.")
+        # Under torchrun the agent already serves the store; elsewhere rank 0 does.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(addr, port, world, is_master=(rank == 0 and not agent_store),
+                              timeout=timedelta(seconds=timeout_s))
+        store = dist.PrefixStore(f"dist_mha/attempt{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if backend == "nccl" else {}))
+    return DistInfo(rank, world, local_rank, dev, restart)
