@@ -208,6 +208,8 @@ def train(cfg, run_dir) -> dict:
                 meta = {"step": step, "tp": tp, "dp": dp, "torch_rng": torch.get_rng_state()}
                 checkpointing.save(run_dir, step, model, opt, meta, tp_rank=state.tp_rank, tp_size=tp,
                                    dp_rank=state.dp_rank)
+            if cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step:
+                break  # a clean interruption right after a checkpoint (resume tests, time limits)
 
     summary = {"steps": step, "world": info.world_size, "tp": tp, "dp": dp, "chance_loss": data.chance_loss}
     if info.is_main:
