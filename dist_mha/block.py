@@ -87,6 +87,14 @@ class TransformerBlock(nn.Module):
     def rng_streams(self):
         return [self.residual_stream]
 
+    def get_extra_state(self):
+        # The residual-dropout stream's position, so a resumed run draws the same masks.
+        return {"rng": {"residual": self.residual_stream.state_dict()}}
+
+    def set_extra_state(self, state):
+        if isinstance(state, dict) and "residual" in state.get("rng", {}):
+            self.residual_stream.load_state_dict(state["rng"]["residual"])
+
     def _drop(self, x):
         if not (self.training and self.dropout > 0):
             return x

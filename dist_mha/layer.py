@@ -25,6 +25,7 @@ from dist_mha.kernels import AttentionRequest, attention
 from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
 from dist_mha.parallel import region, sharding
+from dist_mha.parallel.grads import mark_sharded
 from dist_mha.projections import EinsumProjection, projection_equation
 from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
@@ -279,6 +280,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
                 global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
             )
             self.add_module(name, proj)
+            mark_sharded(proj.kernel, proj.bias if b_dim is not None else None)
             self._initialize(proj, base)
         self._make_streams(base)
         self._built_dims = (dq, dv, dk, rank)

@@ -62,7 +62,9 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
         tp_rank: this rank's index in the new TP group.
 
     Returns:
-        A state dict for `load_state_dict` on a model built at `tp_size`.
+        A state dict for `load_state_dict` on a model built at `tp_size`. At an
+        unchanged TP degree it is this rank's own shard; otherwise per-rank
+        RNG streams restart from their seeds (replicated ones are kept).
 
     Raises:
         ValueError: if shards are missing or out of order, or a layer's heads
@@ -70,6 +72,13 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
     """
     if not shards:
         raise ValueError("Received no shards to reshard.")
+    if len(shards) == tp_size:
+        # Same layout: this rank's own shard, per-rank state (RNG streams) included.
+        own = shards[tp_rank]
+        for extra in _layers(own).values():
+            if extra["tp_rank"] != tp_rank:
+                raise ValueError(f"Shard {tp_rank} holds TP rank {extra['tp_rank']}; pass shards in rank order.")
+        return dict(own)
     layers = _layers(shards[0])
     for prefix, extra in layers.items():
         if extra["tp_size"] != len(shards):

@@ -21,6 +21,7 @@ from dist_mha import initializers
 from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import region, sharding
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
+from dist_mha.parallel.grads import mark_sharded
 
 
 class _ParallelLinear(nn.Module):
@@ -50,6 +51,7 @@ class _ParallelLinear(nn.Module):
         self.weight = nn.Parameter(w)
         bias_local = out_features // self.tp_size if self.shard_dim == 0 else out_features
         self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=w.dtype)) if bias else None
+        mark_sharded(self.weight, self.bias if self.shard_dim == 0 else None)
 
     def get_extra_state(self):
         bias_dim = 0 if self.shard_dim == 0 else None

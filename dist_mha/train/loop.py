@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from dist_mha.model import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
+from dist_mha.parallel.grads import clip_grad_norm_
 from dist_mha.train import checkpointing
 from dist_mha.train.data import make_data
 from dist_mha.train.distributed import init_distributed
@@ -131,7 +132,7 @@ def train(cfg, run_dir) -> dict:
         meta = checkpointing.load(resume_from, model, opt, tp_rank=state.tp_rank, tp_size=tp)
         step = meta["step"]
         if info.is_main:
-            _truncate_metrics(metrics_path, step - 1)
+            _truncate_metrics(metrics_path, step)
             log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", resume_from, step, meta["tp"], tp)
 
     engine = None
@@ -150,7 +151,7 @@ def train(cfg, run_dir) -> dict:
             _, client = engine.load_checkpoint(str(ds_dir))
             step = client["step"]
             if info.is_main:
-                _truncate_metrics(metrics_path, step - 1)
+                _truncate_metrics(metrics_path, step)
                 log.info("resumed DeepSpeed checkpoint at step %d", step)
 
     if info.is_main:
@@ -170,7 +171,9 @@ def train(cfg, run_dir) -> dict:
             g["lr"] = lr
         tokens, targets, mask = (t.to(info.device) for t in data.batch(step, state.dp_rank, cfg.train.batch_size))
         logits = (engine or model)(tokens)
-        loss = F.cross_entropy(logits[mask].float(), targets[mask])
+        picked = logits[mask]
+        # Half-precision logits are upcast for a stable softmax; float64 stays float64.
+        loss = F.cross_entropy(picked.float() if picked.dtype in (torch.float16, torch.bfloat16) else picked, targets[mask])
         if engine is not None:
             engine.backward(loss)
             engine.step()
@@ -180,7 +183,7 @@ def train(cfg, run_dir) -> dict:
             if dp > 1:
                 _allreduce_grads(params, state.dp_group, dp)
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                clip_grad_norm_(params, cfg.optim.grad_clip, state.tp_group)
             opt.step()
         step += 1
         losses.append(loss.detach())
@@ -195,7 +198,7 @@ def train(cfg, run_dir) -> dict:
             t_last = now
             if info.is_main:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": round(mean.item(), 6), "lr": lr, "tokens_per_s": round(tok_s, 1)}) + "\n")
+                    f.write(json.dumps({"step": step, "loss": mean.item(), "lr": lr, "tokens_per_s": round(tok_s, 1)}) + "\n")
                 if cfg.train.progress:
                     done = int(30 * step / cfg.train.steps)
                     print(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{cfg.train.steps} loss {mean.item():.4f} "

@@ -1,0 +1,61 @@
+"""Runs the training entry point the way users do (subprocesses) and reads what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+FAST = ["model=tiny", "train.steps=20", "train.ckpt_every=10", "train.log_every=5", "train.progress=false",
+        "train.plot=false", "train.batch_size=16", "model.dropout=0.0", "model.attention_dropout=0.0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC"))}
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def run(args, timeout=240, check=True):
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(run_dir, *overrides, timeout=240):
+    return run([sys.executable, TRAIN, f"hydra.run.dir={run_dir}", *FAST, *overrides], timeout)
+
+
+def torchrun(run_dir, nproc, *overrides, extra=(), timeout=300, check=True):
+    torchrun_bin = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    return run([torchrun_bin, "--standalone", f"--nproc-per-node={nproc}", *extra, TRAIN,
+                f"hydra.run.dir={run_dir}", *FAST, *overrides], timeout, check)
+
+
+def metrics(run_dir):
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+
+
+def final_weights(run_dir, step):
+    """Rank 0's model tensors of the checkpoint at `step`."""
+    f = Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "tp000-of-001.pt"
+    if not f.exists():
+        f = sorted((Path(run_dir) / "checkpoints" / f"step_{step:08d}").glob("tp000-of-*.pt"))[0]
+    sd = torch.load(f, weights_only=True)
+    return {k: v for k, v in sd.items() if k.startswith(("model.", "optim.")) and isinstance(v, torch.Tensor)}
