@@ -39,6 +39,21 @@ def _env_int(*names, default=None):
     return default
 
 
+def _slurm_master() -> None:
+    """Under srun (or hydra-submitit) without a launcher: rank 0's store on the job's first node.
+
+    The port is derived from the job id, so every task computes the same one.
+    """
+    import subprocess
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    info = subprocess.run(["scontrol", "show", "node", nodes[0]], capture_output=True, text=True, check=True).stdout
+    addr = next((w.split("=", 1)[1] for w in info.split() if w.startswith("NodeAddr=")), nodes[0])
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 120.0) -> DistInfo:
     """Initialises the default process group from the environment (no-op for one process).
 
@@ -53,6 +68,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    # Under plain srun, publish the torch names too (DeepSpeed reads LOCAL_RANK).
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))
     restart = _env_int("TORCHELASTIC_RESTART_COUNT", default=0)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +82,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
+            _slurm_master()
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = _env_int("MASTER_PORT")
         if port is None:
