@@ -127,3 +127,19 @@ def test_parallel_state_groups_are_tp_contiguous_and_mpu_matches(rank_pool, tp):
 def test_parallel_state_rejects_tp_not_dividing_world(rank_pool):
     for msg in rank_pool.run(tp_tasks.bad_parallel_state, 3):
         assert msg is not None and "tp_size=3" in msg and "[1, 2, 4]" in msg
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp_sp"])
+def test_cost_model_payloads_match_bytes_counted_on_real_runs(rank_pool, sp):
+    from dist_mha.parallel.cost_model import CallShape, tp_payloads
+
+    names = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
+    shape = CallShape(B=tp_tasks.B, T=tp_tasks.T, S=tp_tasks.S, Dq=tp_tasks.E, Dv=10, Dk=10, O=14, N=4, H=3, Hv=5,
+                      bytes_per_element=4, cross=True)
+    for tp in (2, 4):
+        predicted = tp_payloads(shape, tp, sp)
+        for counted in rank_pool.run(tp_tasks.counted_bytes, tp, sp, True):
+            for phase in ("forward", "backward"):
+                got = sorted((names.get(n, n), b) for n, b in counted[phase])
+                assert got == sorted(predicted[phase]), (tp, phase)

@@ -302,3 +302,19 @@ def bad_parallel_state(ctx, tp):
     except ValueError as err:
         return str(err)
     return None
+
+
+def counted_bytes(ctx, tp, sequence_parallel, cross):
+    """Payload bytes of each collective in one call, counted on a real run."""
+    group = ctx.group(tp)
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(4, 3, value_dim=5, output_shape=(2, 7), query_shape=E, value_shape=10,
+                               tp_group=group, sequence_parallel=sequence_parallel, check_ranks=False)
+    t, s = (T // tp, S // tp) if sequence_parallel else (T, S)
+    q = torch.randn(B, t, E, requires_grad=True)
+    v = torch.randn(B, s, 10, requires_grad=True)
+    with count_collectives() as fwd:
+        out = layer(q, v) if cross else None
+    with count_collectives() as bwd:
+        out.sum().backward()
+    return {"forward": [(n, k * 4) for n, k in fwd], "backward": [(n, k * 4) for n, k in bwd]}
