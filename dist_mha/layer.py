@@ -26,7 +26,7 @@ from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
 from dist_mha.parallel import region, sharding
 from dist_mha.parallel.grads import mark_sharded
-from dist_mha.projections import EinsumProjection, projection_equation
+from dist_mha.projections import EinsumProjection, fused_self_projection, projection_equation
 from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 # Stable per-weight salts: each kernel (and bias) gets its own random draw,
@@ -350,10 +350,13 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
                                 return_attention_scores, use_causal_mask, dropout_p > 0)
             query, value, key = region.enter(group, sp, query, value, key)
 
-        q = self.query_dense(query)  # (B, d.., n, H), n = this rank's heads
-        k = self.key_dense(key)
-        v = self.value_dense(value)  # (B, d.., n, Hv)
-        gate = self._modules["gate"](query) if self._use_gate else None
+        if query is value and key is value:
+            q, k, gate, v = fused_self_projection(self._self_projections(), query)
+        else:
+            q = self.query_dense(query)  # (B, d.., n, H), n = this rank's heads
+            k = self.key_dense(key)
+            v = self.value_dense(value)  # (B, d.., n, Hv)
+            gate = self._modules["gate"](query) if self._use_gate else None
         layout = AttentionLayout(query.dim(), self._attention_axes)
         batch = [q.shape[d] for d in layout.batch_dims]
         t_dims = [q.shape[d] for d in layout.attention_axes]
@@ -402,6 +405,9 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         if not local_scores:
             scores = sharding.gather_full(scores, len(layout.batch_dims), group)
         return output, scores
+
+    def _self_projections(self):
+        return [self.query_dense, self.key_dense, self._modules.get("gate"), self.value_dense]
 
     def _record_activity(self, q, k, gate, v, output) -> None:
         self._activity_losses = []

@@ -130,3 +130,25 @@ def test_forced_math_and_scores_fall_back_from_sdpa():
     assert "flash:" in layer.last_backend_reason
     layer(x, x, return_attention_scores=True)
     assert layer.last_backend == "math"
+
+
+@pytest.mark.parametrize("use_gate,use_bias", [(False, True), (True, True), (False, False)])
+def test_fused_self_attention_projection_equals_separate_projections(use_gate, use_bias):
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(3, 4, value_dim=5, use_gate=use_gate, use_bias=use_bias, query_shape=E,
+                               dtype=torch.float64, kernel_regularizer="l2", activity_regularizer="l1")
+    x = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
+    fused = layer(x, x, use_causal_mask=True)  # one tensor: the fused QKV GEMM
+    fused_losses = [float(v) for v in layer.losses]
+    fused.pow(2).sum().backward()
+    g_fused = [x.grad.clone()] + [p.grad.clone() for p in layer.weights]
+    layer.zero_grad()
+    x.grad = None
+    x2 = x.detach().clone().requires_grad_()
+    separate = layer(x, x2, use_causal_mask=True)  # two tensors: separate projections
+    separate.pow(2).sum().backward()
+    g_sep = [x.grad + x2.grad] + [p.grad for p in layer.weights]
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+    assert fused_losses == pytest.approx([float(v) for v in layer.losses], rel=1e-12)
+    for a, b in zip(g_fused, g_sep):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
