@@ -99,48 +99,17 @@ class _ReduceFromTP(torch.autograd.Function):
         return None, grad
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, x, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, dim, group)
+class _DimTwin(torch.autograd.Function):
+    """A collective along `dim` whose backward is another collective along `dim`."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return None, _own_slice(grad, ctx.dim, ctx.group), None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, x, dim):
-        ctx.group, ctx.dim = group, dim
-        return _own_slice(x, dim, group)
+    def forward(ctx, group, x, dim, fwd, bwd):
+        ctx.group, ctx.dim, ctx.bwd = group, dim, bwd
+        return fwd(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, _all_gather(grad, ctx.dim, ctx.group), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, x, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _reduce_scatter(grad, ctx.dim, ctx.group), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, x, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _all_gather(grad, ctx.dim, ctx.group), None
+        return None, ctx.bwd(grad, ctx.dim, ctx.group), None, None, None
 
 
 class _AllToAllTP(torch.autograd.Function):
@@ -176,22 +145,22 @@ def reduce_from_tp(group, x):
 
 def gather_from_tp(group, x, dim):
     """All-gathers a TP-sharded tensor along `dim`; backward keeps this rank's slice."""
-    return x if _size(group) == 1 else _GatherFromTP.apply(group, x, dim)
+    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _own_slice)
 
 
 def scatter_to_tp(group, x, dim):
     """Keeps this rank's slice of a replicated tensor along `dim`; backward all-gathers."""
-    return x if _size(group) == 1 else _ScatterToTP.apply(group, x, dim)
+    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _own_slice, _all_gather)
 
 
 def gather_from_sp(group, x, dim):
     """Sequence-parallel entry: all-gather along `dim`; backward reduce-scatters."""
-    return x if _size(group) == 1 else _GatherFromSP.apply(group, x, dim)
+    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _reduce_scatter)
 
 
 def reduce_scatter_to_sp(group, x, dim):
     """Sequence-parallel exit: reduce-scatter along `dim`; backward all-gathers."""
-    return x if _size(group) == 1 else _ReduceScatterToSP.apply(group, x, dim)
+    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _reduce_scatter, _all_gather)
 
 
 def all_to_all_tp(group, x, split_dim, cat_dim):
