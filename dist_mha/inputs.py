@@ -30,7 +30,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         names.append(f"{name}.numel")
     values += [int(return_scores), int(causal), int(dropout)]
     names += ["return_attention_scores", "use_causal_mask", "dropout active"]
-    sharding.check_ranks_agree(layer.tp_group, values, names, device=query.device)
+    sharding.check_ranks_agree(layer._check_group, values, names)
 
 def check_inputs(layer, query, value, key):
     """Converts and validates `query`, `value`, `key`; builds the layer on first use."""

@@ -194,6 +194,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
             raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {_DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
         self.dropout_mode = dropout_mode
         self.check_ranks = cfg.boolean("check_ranks", check_ranks)
+        self._check_group = sharding.cpu_group(self.tp_group) if self.check_ranks and self.tp_size > 1 else None
         self.name = name or "multi_head_attention"
         self._param_dtype = cfg.param_dtype(dtype)
         self._device = torch.device(device) if device is not None else None
@@ -387,9 +388,9 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         elif dropout_p > 0:
             stream = self._dropout_stream
         with stream.fork(query.device) if stream is not None else _nullcontext():
-            out_BTNH, probs, self.last_backend, self.last_backend_reason = attention(
-                req, self._flash_attention, self._attention_backend
-            )
+            out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
+        # Plain attributes, set without nn.Module.__setattr__'s per-call bookkeeping.
+        self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = backend, why
         context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)
         if gate is not None:
             context = context * gate
@@ -410,10 +411,12 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         return [self.query_dense, self.key_dense, self._modules.get("gate"), self.value_dense]
 
     def _record_activity(self, q, k, gate, v, output) -> None:
-        self._activity_losses = []
         reg = self._activity_regularizer
         if reg is None:
+            if self._activity_losses:
+                self.__dict__["_activity_losses"] = []
             return
+        self.__dict__["_activity_losses"] = []
         # Keras regularises each sublayer's output, divided by its batch size.
         # q/k/gate/v hold this rank's heads; the output is replicated, or
         # sharded on dim 1 under sequence parallelism.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from dist_mha.kernels import flash, math, sdpa
 from dist_mha.kernels.request import AttentionRequest
 
@@ -67,7 +69,8 @@ def attention(req: AttentionRequest, flash_attention=None, backend: str | None =
         `(out_BTNH, probs_BNTS or None, backend_name, explanation)`.
     """
     module, why = select(req, flash_attention, backend)
-    if logger.isEnabledFor(logging.DEBUG):
+    # Logging is untraceable for torch.compile; the choice is also on the layer.
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug("dist_mha attention backend %r (%s)", module.NAME, why)
     out, probs = module.run(req)
     return out, probs, module.NAME, why

@@ -106,15 +106,32 @@ def agreed_random_base(group, device=None) -> int:
     return int(base.item())
 
 
-def check_ranks_agree(group, values: list[int], names: list[str], device=None) -> None:
+_CPU_GROUPS: dict = {}  # cache: TP ranks -> a gloo group over them (one per TP group, made once)
+
+
+def cpu_group(group):
+    """A gloo group over the ranks of `group` (the group itself when it is gloo).
+
+    The rank-agreement check runs there on CPU tensors, so it never waits for
+    the GPU: on an NCCL group a CUDA tensor read back would sync every call.
+    Created with local synchronisation, so only the group's ranks take part.
+    """
+    if group is None or dist.get_backend(group) == "gloo":
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _CPU_GROUPS:
+        _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _CPU_GROUPS[ranks]
+
+
+def check_ranks_agree(group, values: list[int], names: list[str]) -> None:
     """Raises on every rank when the ranks of `group` disagree on `values`.
 
     One all-reduce of `2 * len(values)` int64 (max of v and of -v); every
     rank sees the same result, so all raise together instead of hanging in a
     mismatched collective.
     """
-    # On the inputs' device: NCCL groups take CUDA tensors only.
-    v = torch.tensor(values, dtype=torch.int64, device=device)
+    v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
     both = torch.cat([v, -v])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     hi, lo = both[: len(values)], -both[len(values) :]

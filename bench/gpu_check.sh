@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# GPU checks for whoever has a CUDA machine (budget: < 5 minutes on one H100).
+#
+#   bash bench/gpu_check.sh            # from anywhere; uses the active python
+#   PYTHON=/path/to/python bash bench/gpu_check.sh
+#
+# Steps (each under its own `timeout`, all run even if one fails):
+#   1. python -m pytest -q -m gpu tests/                      (tests/test_gpu.py: SDPA/flash in bf16/fp16)
+#   2. python -m pytest -q tests/test_tp.py::test_same_parity_on_cuda
+#      (not marked `gpu`, so step 1's `-m gpu` deselects it: it must be named)
+#   3. python bench/bench_attention.py --device cuda --shapes large --compile
+#        -> bench/results/gpu_large.json (+ .png if matplotlib is installed)
+#   4. python bench/bench_attention.py --device cuda --shapes memory
+#        -> bench/results/gpu_memory.json
+#   5. the issue's GPU targets, read back from the two JSON files
+#
+# Exit status: 0 when every step passed and every GPU target was met;
+# 1 when a test or benchmark step failed (or timed out); 3 when everything ran
+# but a performance target was missed (set ALLOW_TARGET_MISS=1 to exit 0 then).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=bench/results
+mkdir -p "$OUT"
+export KERAS_BACKEND=torch
+export PYTHONUNBUFFERED=1
+
+failed=()
+step() {  # step <name> <timeout_s> <command...>
+  local name=$1 limit=$2
+  shift 2
+  echo
+  echo "=== [$name] $* (timeout ${limit}s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "=== [$name] rc=$rc in $((SECONDS - t0))s"
+  if [ "$rc" -ne 0 ]; then
+    failed+=("$name(rc=$rc)")
+  fi
+  return 0
+}
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: torch.cuda.is_available() is False with $PY; nothing to check here" >&2
+  exit 1
+fi
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
+"$PY" -c 'import dist_mha.kernels.flash as f; print("flash-attn available:", f.AVAILABLE)' || true
+
+# Test steps. Exit code 5 (nothing collected) counts as a failure: the marker or path is wrong.
+step pytest-gpu 75 "$PY" -m pytest -q -m gpu tests/
+step pytest-tp-cuda 75 "$PY" -m pytest -q "tests/test_tp.py::test_same_parity_on_cuda"
+
+# Benchmarks. They rewrite their JSON after every group, so a timeout still leaves partial results.
+step bench-large 150 "$PY" bench/bench_attention.py --device cuda --shapes large --compile --out "$OUT/gpu_large.json"
+step bench-memory 75 "$PY" bench/bench_attention.py --device cuda --shapes memory --no-chart --out "$OUT/gpu_memory.json"
+
+# Targets from the issue (see bench/README.md), evaluated on whatever was written.
+echo
+echo "=== [targets]"
+"$PY" - "$OUT/gpu_large.json" "$OUT/gpu_memory.json" <<'EOF'
+import json, os, sys
+sys.path.insert(0, "bench")
+from bench_attention import evaluate_targets
+
+records = []
+for path in sys.argv[1:]:
+    if os.path.exists(path):
+        records += json.load(open(path))["records"]
+    else:
+        print(f"missing {path}")
+targets = evaluate_targets(records, "cuda")
+expected = 3  # two speed targets + at least one T=16k memory target
+for t in targets:
+    print(f"   [{'PASS' if t['ok'] else 'MISS'}] {t['target']}: {t['impl']} {t['value']:.3f}")
+if len(targets) < expected:
+    print(f"   [MISS] only {len(targets)} of >= {expected} targets could be evaluated (missing rows)")
+    sys.exit(3)
+sys.exit(0 if all(t["ok"] for t in targets) else 3)
+EOF
+targets_rc=$?
+
+echo
+echo "results: $(ls "$OUT"/gpu_* 2>/dev/null | tr '\n' ' ')"
+echo "total: ${SECONDS}s"
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+if [ "$targets_rc" -ne 0 ]; then
+  if [ "${ALLOW_TARGET_MISS:-0}" = "1" ]; then
+    echo "performance targets missed (ALLOW_TARGET_MISS=1: exiting 0)" >&2
+    exit 0
+  fi
+  echo "performance targets missed (or not evaluable)" >&2
+  exit 3
+fi
+echo "OK"
+exit 0
