@@ -105,7 +105,17 @@ def test_checkpoint_written_at_tp_a_loads_at_tp_b(rank_pool, tmp_path, a, b):
 
 
 def test_same_parity_on_cuda(cuda_rank_pool):
+    """The test bodies above, on CUDA tensors (one GPU: gloo moves them; NCCL refuses two ranks per GPU)."""
     cuda_rank_pool.run(tp_tasks.parity_matrix, 2, "float32")
+    for counts in cuda_rank_pool.run(tp_tasks.comm_counts, 2, False, False, True):
+        assert counts["forward"] == {"all_reduce": 1} and counts["backward"] == {"all_reduce": 1}
+    assert all(cuda_rank_pool.run(tp_tasks.init_invariance, 2, "glorot_uniform", "random_normal"))
+    assert all(err < 1e-12 for err in cuda_rank_pool.run(tp_tasks.sgd_step, 2))
+    for r in cuda_rank_pool.run(tp_tasks.per_rank_dropout, 2):
+        assert r == dict(reproducible=True, calls_differ=True, ranks_differ=True, eval_heads_equal=True,
+                         replicated_equal=True)
+    for checked in cuda_rank_pool.run(tp_tasks.collective_twins, 2):
+        assert len(checked) == 7
 
 
 def test_region_collectives_forward_and_backward_twins(rank_pool):

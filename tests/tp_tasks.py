@@ -92,10 +92,10 @@ def comm_counts(ctx, tp, sequence_parallel, check_ranks, cross):
     group = ctx.group(tp)
     torch.manual_seed(0)
     layer = MultiHeadAttention(4, 3, query_shape=E, tp_group=group, sequence_parallel=sequence_parallel,
-                               check_ranks=check_ranks)
+                               check_ranks=check_ranks, device=ctx.device)
     t = T // tp if sequence_parallel else T
-    q = torch.randn(B, t, E, requires_grad=True)
-    v = torch.randn(B, t, E, requires_grad=True) if cross else q
+    q = torch.randn(B, t, E, device=ctx.device, requires_grad=True)
+    v = torch.randn(B, t, E, device=ctx.device, requires_grad=True) if cross else q
     with count_collectives() as fwd:
         out = layer(q, v)
     with count_collectives() as bwd:
@@ -128,9 +128,9 @@ def init_invariance(ctx, tp, kernel_initializer, bias_initializer):
     kwargs = dict(num_heads=4, key_dim=3, value_dim=2, output_shape=(2, 3), use_gate=True,
                   kernel_initializer=kernel_initializer, bias_initializer=bias_initializer)
     torch.manual_seed(11)
-    sharded = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7, tp_group=ctx.group(tp)).get_weights()
+    sharded = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7, tp_group=ctx.group(tp), device=ctx.device).get_weights()
     torch.manual_seed(11)
-    single = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7).get_weights()
+    single = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7, device=ctx.device).get_weights()
     return all(np.array_equal(a, b) for a, b in zip(sharded, single)) and len(sharded) == len(single)
 
 
@@ -140,12 +140,13 @@ def sgd_step(ctx, tp):
     results = []
     for group in (None, ctx.group(tp)):
         torch.manual_seed(3)
-        layer = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7, tp_group=group, dtype=torch.float64)
+        layer = MultiHeadAttention(**kwargs, query_shape=E, value_shape=7, tp_group=group, dtype=torch.float64,
+                                   device=ctx.device)
         opt = torch.optim.SGD(layer.parameters(), lr=0.5)
         layer.constraint_hook(opt)
         gen = torch.Generator().manual_seed(4)
-        q = torch.randn(B, T, E, generator=gen, dtype=torch.float64)
-        v = torch.randn(B, S, 7, generator=gen, dtype=torch.float64)
+        q = torch.randn(B, T, E, generator=gen, dtype=torch.float64).to(ctx.device)
+        v = torch.randn(B, S, 7, generator=gen, dtype=torch.float64).to(ctx.device)
         loss = layer(q, v, use_causal_mask=True).pow(2).mean() + sum(layer.losses)
         loss.backward()
         opt.step()
@@ -176,7 +177,8 @@ def per_rank_dropout(ctx, tp):
 
     def run(training):
         torch.manual_seed(0)
-        layer = MultiHeadAttention(4, 3, dropout=0.5, seed=9, query_shape=E, tp_group=group, attention_backend="math")
+        layer = MultiHeadAttention(4, 3, dropout=0.5, seed=9, query_shape=E, tp_group=group, attention_backend="math",
+                                   device=ctx.device)
         # Every global head gets head 0's q/k/v weights (Keras order: kernel (D, N, H), bias (N, H)).
         weights = layer.get_weights()
         for i in range(6):
@@ -185,11 +187,11 @@ def per_rank_dropout(ctx, tp):
         layer.set_weights(weights)
         seen = []
         layer.output_dense.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-        x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(2))
+        x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(2)).to(ctx.device)
         layer(x, x, training=training)
         layer(x, x, training=training)
-        with layer.replicated_stream.fork("cpu"):
-            replicated = torch.rand(4)
+        with layer.replicated_stream.fork(ctx.device):
+            replicated = torch.rand(4, device=ctx.device)
         return seen, replicated
 
     (first, rep), (again, _) = run(True), run(True)
@@ -212,8 +214,8 @@ def per_rank_dropout(ctx, tp):
 def reshard_checkpoint(ctx, a, b, directory):
     torch.manual_seed(1)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(B, T, E, generator=gen, dtype=torch.float64)
-    kwargs = dict(num_heads=4, key_dim=3, dropout=0.2, seed=4, output_shape=(2, 3), dtype=torch.float64)
+    x = torch.randn(B, T, E, generator=gen, dtype=torch.float64).to(ctx.device)
+    kwargs = dict(num_heads=4, key_dim=3, dropout=0.2, seed=4, output_shape=(2, 3), dtype=torch.float64, device=ctx.device)
     src = MultiHeadAttention(**kwargs, query_shape=E, tp_group=ctx.group(a))
     opt = torch.optim.SGD(src.parameters(), lr=0.1)
     src(x, x).sum().backward()  # train one step so the weights are not the initial ones
@@ -224,7 +226,7 @@ def reshard_checkpoint(ctx, a, b, directory):
         save_tp_shard(src.state_dict(), directory, dist.get_rank(ctx.group(a)), a)
     dist.barrier()
     dst = MultiHeadAttention(**{**kwargs, "seed": 99}, query_shape=E, tp_group=ctx.group(b))
-    dst.load_state_dict(load_tp_shard(directory, b, dist.get_rank(ctx.group(b))))
+    dst.load_state_dict(load_tp_shard(directory, b, dist.get_rank(ctx.group(b)), map_location=ctx.device))
     dst.eval()
     got = dst(x, x).detach()
     dist.barrier()
@@ -266,9 +268,9 @@ def collective_twins(ctx, tp):
     checked = []
     for name, (fn, expect_y, expect_grad) in cases.items():
         gen = torch.Generator().manual_seed(100 * r + len(checked))
-        x = torch.randn(2, 4 * tp, 3 * tp, generator=gen, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, 4 * tp, 3 * tp, generator=gen, dtype=torch.float64).to(ctx.device).requires_grad_()
         y = fn(x)
-        w = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(ctx.device)
         (y * w).sum().backward()
         X, W = gather_all(x.detach()), gather_all(w)
         torch.testing.assert_close(y.detach(), expect_y(X), rtol=0, atol=1e-12, msg=f"{name} forward")

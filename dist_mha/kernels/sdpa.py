@@ -7,15 +7,33 @@ H head size, Hv value head size.
 Causal-only attention goes through `is_causal` (no mask tensor). Query
 padding never enters the mask: those rows are zeroed afterwards, so a
 query+key padding pair costs a `(B, 1, 1, S)` mask, not `(B, 1, T, S)`.
+
+On CUDA, torch's cuDNN backend is put first: on an H100 (torch 2.11, bf16,
+head_dim 128) it ran 1.7-1.8x faster than SDPA's flash backend, and unlike
+that backend it takes masks. torch still falls back to flash, efficient and
+math, in that order, for inputs cuDNN refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dist_mha.kernels.request import AttentionRequest, mask_with_live_rows, zero_rows
 
 NAME = "sdpa"
+_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _priority(device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    try:
+        return sdpa_kernel(_CUDA_ORDER, set_priority=True)
+    except TypeError:  # torch < 2.6: no priorities; torch's own order applies
+        return contextlib.nullcontext()
 
 
 def refusals(req: AttentionRequest) -> list[str]:
@@ -40,15 +58,16 @@ def run(req: AttentionRequest):
         mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
     if mask is not None:
         mask, keep = mask_with_live_rows(mask)
-    out_BNTH = F.scaled_dot_product_attention(
-        req.q_BTNH.transpose(1, 2),
-        req.k_BSNH.transpose(1, 2),
-        req.v_BSNH.transpose(1, 2),
-        attn_mask=mask,
-        dropout_p=req.dropout_p,
-        is_causal=is_causal,
-        scale=req.scale,
-    )
+    with _priority(req.q_BTNH.device):
+        out_BNTH = F.scaled_dot_product_attention(
+            req.q_BTNH.transpose(1, 2),
+            req.k_BSNH.transpose(1, 2),
+            req.v_BSNH.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=req.dropout_p,
+            is_causal=is_causal,
+            scale=req.scale,
+        )
     if masks.q_keep_BT is not None:
         q_keep = masks.q_keep_BT[:, :, None, None]
         keep = q_keep if keep is None else keep & q_keep
