@@ -99,7 +99,7 @@ def test_killed_rank_restarts_and_resumes_without_lost_or_repeated_steps(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_zero_over_the_dp_group_with_our_tp(tmp_path, stage):
     pytest.importorskip("deepspeed", reason="needs deepspeed (the deepspeed extra)")
     torchrun(tmp_path, 4, "parallel.tp=2", "launcher=deepspeed", f"launcher.zero_stage={stage}", timeout=400)
