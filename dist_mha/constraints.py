@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.initializers import _resolve, _serialize, _snake
+from dist_mha import registry
 
 # keras.backend.epsilon() default; Keras adds it to the norm, not the square.
 _EPSILON = 1e-7
@@ -176,7 +176,7 @@ class _CallableConstraint(Constraint):
 
 
 _CLASSES = [MaxNorm, MinMaxNorm, NonNeg, UnitNorm]
-ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{_snake(c.__name__): c for c in _CLASSES}}
+ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{registry.snake_case(c.__name__): c for c in _CLASSES}}
 
 
 def serialize(constraint):
@@ -194,7 +194,7 @@ def serialize(constraint):
     Raises:
         TypeError: if `constraint` is neither a constraint nor callable.
     """
-    return _serialize(constraint, "keras.constraints", Constraint, _CallableConstraint)
+    return registry.serialize(constraint, "keras.constraints", Constraint, _CallableConstraint)
 
 
 def get(identifier, arg_name="constraint"):
@@ -218,5 +218,5 @@ def get(identifier, arg_name="constraint"):
     >>> get("max_norm").get_config()
     {'max_value': 2, 'axis': 0}
     """
-    return _resolve(identifier, ALL_OBJECTS_DICT, Constraint, _CallableConstraint,
+    return registry.resolve(identifier, ALL_OBJECTS_DICT, Constraint, _CallableConstraint,
                     "constraint", arg_name)

@@ -14,13 +14,11 @@ kernels of one layer. Sampling is float64, then cast to `dtype`.
 
 from __future__ import annotations
 
-import inspect
 import math
-import re
 
 import torch
 
-from dist_mha import counter_rng
+from dist_mha import counter_rng, registry
 from dist_mha.counter_rng import mix64
 
 # Keras's constant: stddev of a unit normal truncated to [-2, 2]; dividing by
@@ -380,63 +378,9 @@ class _CallableInitializer(Initializer):
         return f"_CallableInitializer({self.fn!r})"
 
 
-def _snake(name):
-    # keras.src.utils.naming.to_snake_case, which builds Keras's name tables.
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", re.sub(r"\W+", "", name))
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def _serialize(obj, module, base, wrapper):
-    """Keras's `serialize_keras_object` format, shared by the three registries."""
-    if obj is None:
-        return None
-    obj = obj.fn if isinstance(obj, wrapper) else obj
-    if isinstance(obj, base):
-        return {"module": module, "class_name": type(obj).__name__,
-                "config": obj.get_config(), "registered_name": None}
-    if callable(obj):
-        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-        return {"module": getattr(obj, "__module__", None) or type(obj).__module__,
-                "class_name": "function", "config": name, "registered_name": name}
-    raise TypeError(f"Cannot serialize {obj!r}: it is neither a {base.__name__} nor callable.")
-
-
-def _resolve(identifier, table, base, wrapper, kind, arg_name):
-    """The `get()` logic shared by the three registries (see `get`)."""
-    if identifier is None or isinstance(identifier, base):
-        return identifier
-    cls, config = None, {}
-    if isinstance(identifier, str):
-        cls = table.get(identifier)
-    elif isinstance(identifier, dict):
-        if identifier.get("class_name") == "function":
-            raise ValueError(f"Received an invalid value for argument `{arg_name}`: a serialized "
-                             "plain callable cannot be deserialized; pass the callable itself. "
-                             f"Received: {arg_name}={identifier!r}")
-        name = identifier.get("class_name")
-        cls, config = table.get(name) if isinstance(name, str) else None, identifier.get("config")
-    elif inspect.isclass(identifier):
-        cls = table.get(identifier.__name__)
-        if cls is None and callable(identifier):
-            obj = identifier()  # Keras also instantiates classes it is given
-            if callable(obj):
-                return wrapper(obj)
-    elif type(identifier).__name__ in table and callable(getattr(identifier, "get_config", None)):
-        # A Keras object (or look-alike): rebuild ours from its config.
-        cls, config = table[type(identifier).__name__], identifier.get_config()
-    elif callable(identifier):
-        return wrapper(identifier)
-    if cls is None or not isinstance(config or {}, dict):
-        raise ValueError(
-            f"Received an invalid value for argument `{arg_name}`, expected one of "
-            f"{sorted(table)}, a serialized {kind} dict, a {kind} instance or a callable. "
-            f"Received: {arg_name}={identifier!r}")
-    return cls.from_config(config or {})
-
-
 _CLASSES = [Constant, Zeros, Ones, RandomUniform, RandomNormal, TruncatedNormal, VarianceScaling,
             GlorotUniform, GlorotNormal, HeUniform, HeNormal, LecunUniform, LecunNormal, Orthogonal]
-ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{_snake(c.__name__): c for c in _CLASSES},
+ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{registry.snake_case(c.__name__): c for c in _CLASSES},
                     "normal": RandomNormal, "uniform": RandomUniform, "one": Ones,
                     "zero": Zeros, "OrthogonalInitializer": Orthogonal}
 
@@ -456,7 +400,7 @@ def serialize(initializer):
     Raises:
         TypeError: if `initializer` is neither an initializer nor callable.
     """
-    return _serialize(initializer, "keras.initializers", Initializer, _CallableInitializer)
+    return registry.serialize(initializer, "keras.initializers", Initializer, _CallableInitializer)
 
 
 def get(identifier, arg_name="initializer"):
@@ -480,5 +424,5 @@ def get(identifier, arg_name="initializer"):
     >>> get("glorot_uniform").get_config()
     {'seed': None, 'input_axes': None, 'output_axes': None}
     """
-    return _resolve(identifier, ALL_OBJECTS_DICT, Initializer, _CallableInitializer,
+    return registry.resolve(identifier, ALL_OBJECTS_DICT, Initializer, _CallableInitializer,
                     "initializer", arg_name)

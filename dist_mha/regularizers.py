@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from dist_mha.initializers import _resolve, _serialize, _snake
+from dist_mha import registry
 
 
 def _validate(value, name):
@@ -162,7 +162,7 @@ class _L1L2Documented:
 
 
 _CLASSES = [L1, L2, L1L2]
-ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{_snake(c.__name__): c for c in _CLASSES},
+ALL_OBJECTS_DICT = {**{c.__name__: c for c in _CLASSES}, **{registry.snake_case(c.__name__): c for c in _CLASSES},
                     "l1_l2": _L1L2Documented}
 
 
@@ -181,7 +181,7 @@ def serialize(regularizer):
     Raises:
         TypeError: if `regularizer` is neither a regularizer nor callable.
     """
-    return _serialize(regularizer, "keras.regularizers", Regularizer, _CallableRegularizer)
+    return registry.serialize(regularizer, "keras.regularizers", Regularizer, _CallableRegularizer)
 
 
 def get(identifier, arg_name="regularizer"):
@@ -206,5 +206,5 @@ def get(identifier, arg_name="regularizer"):
     >>> get("l2").get_config()
     {'l2': 0.01}
     """
-    return _resolve(identifier, ALL_OBJECTS_DICT, Regularizer, _CallableRegularizer,
+    return registry.resolve(identifier, ALL_OBJECTS_DICT, Regularizer, _CallableRegularizer,
                     "regularizer", arg_name)
