@@ -25,13 +25,10 @@ from dist_mha.kernels import AttentionRequest, attention
 from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
 from dist_mha.parallel import region, sharding
-from dist_mha.parallel.grads import mark_sharded
-from dist_mha.projections import EinsumProjection, fused_self_projection, projection_equation
+from dist_mha import projections
+from dist_mha.projections import fused_self_projection
 from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
-# Stable per-weight salts: each kernel (and bias) gets its own random draw,
-# independent of build order and of the other weights' shapes.
-_SALTS = {"query": 1, "key": 2, "value": 3, "attention_output": 4, "gate": 5}
 _DROPOUT_MODES = ("per_rank", "tp_invariant")
 
 
@@ -259,55 +256,15 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
             )
         rank = len(query_shape)
         self._attention_axes = normalize_attention_axes(self._attention_axes, rank)
-        N, H, Hv = self._num_heads, self._key_dim, self._value_dim
-        n = N // self.tp_size  # heads on this rank
-        out = self._output_shape or (query_shape[-1],)
-        in_eq = projection_equation(rank - 1, 1, 2)
-        dq, dk, dv = query_shape[-1], key_shape[-1], value_shape[-1]
-        # (name, in dims, local out dims, global kernel, kernel shard dim, bias shard dim, equation, activation)
-        specs = [("query", (dq,), (n, H), (dq, N, H), 1, 0, in_eq, None),
-                 ("key", (dk,), (n, H), (dk, N, H), 1, 0, in_eq, None)]
-        if self._use_gate:
-            specs.append(("gate", (dq,), (n, Hv), (dq, N, Hv), 1, 0, in_eq, "sigmoid"))
-        specs.append(("value", (dv,), (n, Hv), (dv, N, Hv), 1, 0, in_eq, None))
-        specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None,
-                      projection_equation(rank - 1, 2, len(out)), None))
         base = sharding.agreed_random_base(self.tp_group, self._device)
-        for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
-            proj = EinsumProjection(
-                name, in_dims, out_dims, self._use_bias, eq, activation=act, dtype=self._param_dtype,
-                device=self._device, kernel_shard_dim=k_dim,
-                bias_shard_dim=b_dim, global_kernel_shape=global_kernel,
-                global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
-            )
-            self.add_module(name, proj)
-            mark_sharded(proj.kernel, proj.bias if b_dim is not None else None)
-            self._initialize(proj, base)
+        for proj in projections.build_projections(self, query_shape[-1], value_shape[-1], key_shape[-1], rank):
+            self.add_module(proj.name, proj)
+            projections.initialize(proj, self._kernel_initializer, self._bias_initializer, base, self._num_heads,
+                                   self.tp_group)
         self._make_streams(base)
-        self._built_dims = (dq, dv, dk, rank)
+        self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
         self.built = True
         self.trainable = self._trainable
-
-    def _initialize(self, proj: EinsumProjection, base: int) -> None:
-        # Fans come from the global kernel; each element's value depends only
-        # on its global index, so shards at any TP degree assemble the same weight.
-        k_shape = proj.global_kernel_shape
-        n_in = len(proj.in_dims)
-        fan_in, fan_out = math.prod(k_shape[:n_in]), math.prod(k_shape[n_in:])
-        salt = _SALTS[proj.name]
-        with torch.no_grad():
-            kernel = self._kernel_initializer(
-                k_shape, proj.kernel.dtype, device=proj.kernel.device, fan_in=fan_in, fan_out=fan_out,
-                salt=salt, base_seed=base,
-                index=sharding.shard_index(k_shape, proj.kernel_shard_dim, self._num_heads, self.tp_group),
-            )
-            proj.kernel.copy_(torch.as_tensor(kernel))
-            if proj.bias is not None:
-                bias = self._bias_initializer(
-                    proj.global_bias_shape, proj.bias.dtype, device=proj.bias.device, salt=100 + salt, base_seed=base,
-                    index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, self._num_heads, self.tp_group),
-                )
-                proj.bias.copy_(torch.as_tensor(bias))
 
     def _make_streams(self, base: int) -> None:
         seed = self.seed if self.seed is not None else base

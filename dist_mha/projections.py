@@ -16,6 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mha.parallel import sharding
+from dist_mha.parallel.grads import mark_sharded
+
+# Stable per-weight salts: each kernel (and bias) gets its own random draw,
+# independent of build order and of the other weights' shapes.
+_SALTS = {"query": 1, "key": 2, "value": 3, "attention_output": 4, "gate": 5}
+
 
 class EinsumProjection(nn.Module):
     """`(..., *in_dims) -> (..., *out_dims)` with kernel `(*in_dims, *out_dims)`.
@@ -112,3 +119,58 @@ def fused_self_projection(projections, x: torch.Tensor):
         outs.append(torch.sigmoid(part) if p.activation == "sigmoid" else part)
     it = iter(outs)
     return tuple(None if p is None else next(it) for p in projections)
+
+
+def build_projections(layer, dq: int, dv: int, dk: int, rank: int) -> list[EinsumProjection]:
+    """The layer's projections in Keras's weight order, holding this TP rank's heads.
+
+    q/k/[gate]/v kernels `(D, n, H)` are shards of `(D, N, H)` on dim 1 (biases
+    on dim 0); the output kernel `(n, Hv, *out)` is a shard of `(N, Hv, *out)`
+    on dim 0 and its bias is replicated. `n = N / tp`.
+    """
+    N, H, Hv = layer._num_heads, layer._key_dim, layer._value_dim
+    n = N // layer.tp_size
+    out = layer._output_shape or (dq,)
+    in_eq = projection_equation(rank - 1, 1, 2)
+    # (name, in dims, local out dims, global kernel, kernel shard dim, bias shard dim, equation, activation)
+    specs = [("query", (dq,), (n, H), (dq, N, H), 1, 0, in_eq, None),
+             ("key", (dk,), (n, H), (dk, N, H), 1, 0, in_eq, None)]
+    if layer._use_gate:
+        specs.append(("gate", (dq,), (n, Hv), (dq, N, Hv), 1, 0, in_eq, "sigmoid"))
+    specs.append(("value", (dv,), (n, Hv), (dv, N, Hv), 1, 0, in_eq, None))
+    specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None,
+                  projection_equation(rank - 1, 2, len(out)), None))
+    projs = []
+    for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
+        proj = EinsumProjection(
+            name, in_dims, out_dims, layer._use_bias, eq, activation=act, dtype=layer._param_dtype,
+            device=layer._device, kernel_shard_dim=k_dim, bias_shard_dim=b_dim, global_kernel_shape=global_kernel,
+            global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
+        )
+        mark_sharded(proj.kernel, proj.bias if b_dim is not None else None)
+        projs.append(proj)
+    return projs
+
+
+def initialize(proj: EinsumProjection, kernel_init, bias_init, base: int, num_heads: int, group) -> None:
+    """Fills `proj` with its block of the global initial weights.
+
+    Fans come from the global kernel; each element's value depends only on
+    its global index, so shards at any TP degree assemble the same weight.
+    """
+    k_shape = proj.global_kernel_shape
+    n_in = len(proj.in_dims)
+    fan_in, fan_out = math.prod(k_shape[:n_in]), math.prod(k_shape[n_in:])
+    salt = _SALTS[proj.name]
+    with torch.no_grad():
+        kernel = kernel_init(
+            k_shape, proj.kernel.dtype, device=proj.kernel.device, fan_in=fan_in, fan_out=fan_out, salt=salt,
+            base_seed=base, index=sharding.shard_index(k_shape, proj.kernel_shard_dim, num_heads, group),
+        )
+        proj.kernel.copy_(torch.as_tensor(kernel))
+        if proj.bias is not None:
+            bias = bias_init(
+                proj.global_bias_shape, proj.bias.dtype, device=proj.bias.device, salt=100 + salt, base_seed=base,
+                index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, num_heads, group),
+            )
+            proj.bias.copy_(torch.as_tensor(bias))
