@@ -18,7 +18,7 @@ from dist_mha import registry
 _EPSILON = 1e-7
 
 
-class Constraint:
+class Constraint(registry.KerasObject):
     """Base class: `c(w, *, allreduce_sum=None)` returns the projected weight.
 
     Attributes:
@@ -39,18 +39,6 @@ class Constraint:
             sq = allreduce_sum(sq)
         return torch.sqrt(sq)
 
-    def get_config(self):
-        """Returns the config dict, with Keras's keys."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        """Builds a constraint from `get_config()` output."""
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class MaxNorm(Constraint):

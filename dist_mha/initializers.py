@@ -47,7 +47,7 @@ def compute_fans(shape, input_axes=None, output_axes=None):
     return int(shape[-2] * receptive), int(shape[-1] * receptive)
 
 
-class Initializer:
+class Initializer(registry.KerasObject):
     """Base class; subclasses implement `_sample(shape, ctx)`."""
 
     def __call__(self, shape, dtype=None, *, device=None, fan_in=None, fan_out=None,
@@ -78,18 +78,6 @@ class Initializer:
                    salt=salt, base_seed=base_seed, fan_in=fan_in, fan_out=fan_out)
         return self._sample(shape, ctx).to(ctx["dtype"])
 
-    def get_config(self):
-        """Returns the config dict, with Keras's keys."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        """Builds an initializer from `get_config()` output."""
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 def _take(t, index):

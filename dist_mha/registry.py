@@ -62,3 +62,20 @@ def resolve(identifier, table, base, wrapper, kind, arg_name):
             f"{sorted(table)}, a serialized {kind} dict, a {kind} instance or a callable. "
             f"Received: {arg_name}={identifier!r}")
     return cls.from_config(config or {})
+
+
+class KerasObject:
+    """`get_config` / `from_config` / `repr` as Keras's initializers, regularizers and constraints have them."""
+
+    def get_config(self):
+        """Returns the config dict, with Keras's keys."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        """Builds the object from `get_config()` output."""
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"

@@ -25,26 +25,13 @@ def _validate(value, name):
     return float(value)
 
 
-class Regularizer:
+class Regularizer(registry.KerasObject):
     """Base class: `reg(x)` returns a scalar penalty tensor of `x.dtype`."""
 
     additive = True
 
     def __call__(self, x):
         return torch.zeros((), dtype=x.dtype, device=x.device)
-
-    def get_config(self):
-        """Returns the config dict, with Keras's keys and values."""
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        """Builds a regularizer from `get_config()` output."""
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class L1L2(Regularizer):
