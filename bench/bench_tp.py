@@ -55,6 +55,7 @@ for _p in (ROOT, HERE):
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from bench_attention import _proc_status  # noqa: E402
 from dist_mha import MultiHeadAttention  # noqa: E402
 
 SHAPES = {
@@ -65,16 +66,6 @@ SHAPES = {
 
 
 # ----------------------------------------------------------------------------- helpers (all ranks)
-def _proc_status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
 def _peak_extra_bytes(step):
     """Extra resident bytes at the peak of `step()` (needs /proc/self/clear_refs)."""
     gc.collect()
