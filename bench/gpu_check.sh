@@ -5,9 +5,10 @@
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
 #
 # Steps (each under its own `timeout`, all run even if one fails):
-#   1. python -m pytest -q -m gpu tests/                      (tests/test_gpu.py: SDPA/flash in bf16/fp16)
-#   2. python -m pytest -q tests/test_tp.py::test_same_parity_on_cuda
-#      (not marked `gpu`, so step 1's `-m gpu` deselects it: it must be named)
+#   1. python -m pytest -q tests/test_gpu.py                  (SDPA/flash in bf16/fp16 vs the math path)
+#   2. python -m pytest -q tests/test_tp.py::test_same_parity_on_cuda   (TP=2 on one GPU over gloo)
+#      Both are named by path: the GPU image has no keras/hydra, and collecting
+#      all of tests/ would only add skips.
 #   3. python bench/bench_attention.py --device cuda --shapes large --compile
 #        -> bench/results/gpu_large.json (+ .png if matplotlib is installed)
 #   4. python bench/bench_attention.py --device cuda --shapes memory
@@ -50,8 +51,8 @@ fi
 "$PY" -c 'import dist_mha.kernels.flash as f; print("flash-attn available:", f.AVAILABLE)' || true
 
 # Test steps. Exit code 5 (nothing collected) counts as a failure: the marker or path is wrong.
-step pytest-gpu 75 "$PY" -m pytest -q -m gpu tests/
-step pytest-tp-cuda 75 "$PY" -m pytest -q "tests/test_tp.py::test_same_parity_on_cuda"
+step pytest-gpu 75 "$PY" -m pytest -q -rs tests/test_gpu.py
+step pytest-tp-cuda 75 "$PY" -m pytest -q -rs "tests/test_tp.py::test_same_parity_on_cuda"
 
 # Benchmarks. They rewrite their JSON after every group, so a timeout still leaves partial results.
 step bench-large 150 "$PY" bench/bench_attention.py --device cuda --shapes large --compile --out "$OUT/gpu_large.json"
