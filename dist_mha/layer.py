@@ -26,7 +26,7 @@ from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
 from dist_mha.parallel import region, sharding
 from dist_mha import projections
-from dist_mha.projections import fused_self_projection
+from dist_mha.fused_projection import fused_self_projection
 from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 _DROPOUT_MODES = ("per_rank", "tp_invariant")

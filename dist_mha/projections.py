@@ -89,38 +89,6 @@ def projection_equation(free_dims: int, bound_dims: int, output_dims: int) -> st
     return f"{free}{bound},{bound}{out}->{free}{out}"
 
 
-def fused_self_projection(projections, x: torch.Tensor):
-    """Self-attention's q/k/[gate]/v projections as one GEMM over `x`.
-
-    The kernels are concatenated along their output dims (a weight-sized copy,
-    small next to the GEMM) so `x` is read once and one larger GEMM runs
-    instead of three or four. Outputs are views into the fused result, with
-    the same values as the separate projections.
-
-    Args:
-        projections: `[query, key, gate or None, value]` in-projections sharing `x`.
-        x: `(..., D)`.
-
-    Returns:
-        `(q, k, gate or None, v)`, each `(..., n, H)`.
-    """
-    used = [p for p in projections if p is not None]
-    d = x.shape[-1]
-    kernels = [p.kernel.reshape(d, -1) for p in used]
-    biases = None if used[0].bias is None else [p.bias.reshape(-1) for p in used]
-    if x.dtype != used[0].kernel.dtype and not torch.is_autocast_enabled(x.device.type):
-        kernels = [k.to(x.dtype) for k in kernels]
-        biases = None if biases is None else [b.to(x.dtype) for b in biases]
-    y = F.linear(x, torch.cat(kernels, dim=1).t(), None if biases is None else torch.cat(biases))
-    lead = y.shape[:-1]
-    outs = []
-    for p, part in zip(used, y.split([k.shape[1] for k in kernels], dim=-1)):
-        part = part.view(*lead, *p.out_dims)
-        outs.append(torch.sigmoid(part) if p.activation == "sigmoid" else part)
-    it = iter(outs)
-    return tuple(None if p is None else next(it) for p in projections)
-
-
 def build_projections(layer, dq: int, dv: int, dk: int, rank: int) -> list[EinsumProjection]:
     """The layer's projections in Keras's weight order, holding this TP rank's heads.
 
