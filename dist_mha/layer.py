@@ -308,13 +308,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
                                 return_attention_scores, use_causal_mask, dropout_p > 0)
             query, value, key = region.enter(group, sp, query, value, key)
 
-        if query is value and key is value:
-            q, k, gate, v = fused_self_projection(self._self_projections(), query)
-        else:
-            q = self.query_dense(query)  # (B, d.., n, H), n = this rank's heads
-            k = self.key_dense(key)
-            v = self.value_dense(value)  # (B, d.., n, Hv)
-            gate = self._modules["gate"](query) if self._use_gate else None
+        q, k, gate, v = self._project(query, key, value)  # (B, d.., n, H|Hv), n = this rank's heads
         layout = AttentionLayout(query.dim(), self._attention_axes)
         batch = [q.shape[d] for d in layout.batch_dims]
         t_dims = [q.shape[d] for d in layout.attention_axes]
@@ -366,6 +360,26 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
 
     def _self_projections(self):
         return [self.query_dense, self.key_dense, self._modules.get("gate"), self.value_dense]
+
+    def _project(self, query, key, value):
+        """`(q, k, gate or None, v)`; projections of the same tensor run as one fused GEMM.
+
+        Self-attention fuses all of them; cross-attention with `key=None`
+        fuses key and value (and the gate with the query).
+        """
+        projs = self._self_projections()
+        xs = (query, key, query, value)
+        out = [None] * 4
+        for i, (proj, x) in enumerate(zip(projs, xs)):
+            if proj is None or out[i] is not None:
+                continue
+            same = [j for j in range(i, 4) if projs[j] is not None and xs[j] is x]
+            if len(same) == 1:
+                out[i] = proj(x)
+                continue
+            for j, y in zip(same, fused_self_projection([projs[j] for j in same], x)):
+                out[j] = y
+        return tuple(out)
 
     def _record_activity(self, q, k, gate, v, output) -> None:
         reg = self._activity_regularizer

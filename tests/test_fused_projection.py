@@ -111,3 +111,19 @@ def test_fused_projection_follows_input_dtype_and_autocast():
     for p in layer.parameters():
         if p.grad is not None:
             assert p.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call,gemms", [("self", 2), ("cross", 3), ("cross_key", 4)])
+def test_projections_of_one_tensor_share_one_gemm(call, gemms):
+    # Enough tokens (M >= D) for the concatenated-GEMM path; counts the forward's GEMMs.
+    layer = _layer(E=16, dtype=torch.float32, value_dim=5)
+    x, y = torch.randn(2, 12, 16), torch.randn(2, 10, 16)
+    args = {"self": (x, x), "cross": (x, y), "cross_key": (x, y, y.clone())}[call]
+    with _OpCounter() as counter:
+        out = layer(*args)
+    assert counter.ops["addmm"] + counter.ops["mm"] == gemms  # q|k|v + out; q, k|v, out; q, k, v, out
+    key = args[2] if len(args) == 3 else args[1]
+    # The same weights called with a distinct key tensor: every projection separate.
+    ref = MultiHeadAttention(4, 5, value_dim=5, query_shape=16, value_shape=16)
+    ref.set_weights(layer.get_weights())
+    torch.testing.assert_close(out, ref(x, args[1], key.clone()), rtol=1e-5, atol=1e-6)
