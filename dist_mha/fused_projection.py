@@ -8,12 +8,16 @@ The kernels stay separate Keras-layout parameters `(D, n, H)` (so weights,
 checkpoints, TP sharding and optimizers see Keras's structure), yet the call
 costs what one `nn.Linear(D, W)` costs:
 
-* forward: when there are at least as many tokens as input features (M >= D,
-  the training regime) the kernels are concatenated into a transient
-  `(D, W)` matrix and one GEMM with the bias fused runs, and q/k/v are
-  column views of its result; with fewer tokens (small batches, inference)
-  copying the weights would cost more than the GEMMs, so each projection
-  runs its own. Nothing weight-sized is kept for backward.
+* forward: on CUDA, when there are at least as many tokens as input
+  features (M >= D, the training regime), the kernels are concatenated into
+  a transient `(D, W)` matrix and one GEMM with the bias fused runs (one
+  wide GEMM fills the GPU's last wave better than three), and q/k/v are
+  column views of its result. With fewer tokens (small batches, inference)
+  copying the weights costs more than the GEMMs, and on CPU a fresh
+  weight-sized buffer costs page faults while a wider GEMM runs no faster
+  (B=8 T=128 E=256 float32, 2 cores: 2.11 ms concatenated vs 1.96 ms
+  separate), so each projection runs its own GEMM there. Nothing
+  weight-sized is kept for backward either way.
 * backward: each output's gradient arrives on its own (no concatenation
   of dq/dk/dv, which autograd does for slices of one output);
   `dK_i = x^T dY_i` is computed straight into the parameter's own layout,
@@ -30,6 +34,11 @@ T=512 E=1024 (CPU, float32, `bench/README.md`).
 from __future__ import annotations
 
 import torch
+
+
+def concat_weights(x_MD: torch.Tensor) -> bool:
+    """Whether the forward concatenates the kernels into one GEMM (see the module docstring)."""
+    return x_MD.device.type == "cuda" and x_MD.shape[0] >= x_MD.shape[1]
 
 
 class _FusedInProjection(torch.autograd.Function):
@@ -51,8 +60,7 @@ class _FusedInProjection(torch.autograd.Function):
             kernels_DW = [k.to(dtype) for k in kernels_DW]
             biases = [b.to(dtype) for b in biases]
             widths = [k.shape[1] for k in kernels_DW]
-            M, D = x_MD.shape
-            if M >= D:
+            if concat_weights(x_MD):
                 weight = torch.cat(kernels_DW, dim=1)
                 y_MW = torch.mm(x_MD, weight) if not biases else torch.addmm(torch.cat(biases), x_MD, weight)
                 del weight

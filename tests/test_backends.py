@@ -152,3 +152,32 @@ def test_fused_self_attention_projection_equals_separate_projections(use_gate, u
     assert fused_losses == pytest.approx([float(v) for v in layer.losses], rel=1e-12)
     for a, b in zip(g_fused, g_sep):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("S,has_mask,first", [(192, True, "EFFICIENT_ATTENTION"), (64, True, "EFFICIENT_ATTENTION"),
+                                              (192, False, "CUDNN_ATTENTION"), (256, True, "CUDNN_ATTENTION"),
+                                              (200, True, "CUDNN_ATTENTION")])
+def test_cuda_sdpa_order_keeps_masked_S_mod_128_eq_64_off_cudnn(S, has_mask, first):
+    # pytorch/pytorch#196678: cuDNN's backward can give NaN dq there (mask tensor, S % 128 == 64).
+    from dist_mha.kernels import sdpa
+
+    order = sdpa.cuda_priority(S, has_mask)
+    assert order[0].name == first
+    assert sorted(b.name for b in order) == sorted(b.name for b in sdpa._CUDA_ORDER)
+
+
+def test_sdpa_priority_sees_key_count_and_whether_a_mask_tensor_is_passed(monkeypatch):
+    from dist_mha.kernels import sdpa
+
+    seen, real = [], sdpa._priority
+
+    def spy(device, S, has_mask):
+        seen.append((S, has_mask))
+        return real(device, S, has_mask)
+
+    monkeypatch.setattr(sdpa, "_priority", spy)
+    layer = MultiHeadAttention(2, 4, query_shape=E)
+    q, v = torch.randn(B, T, E), torch.randn(B, S, E)
+    layer(q, q, use_causal_mask=True)
+    layer(q, v, value_mask=torch.ones(B, S, dtype=torch.bool))
+    assert seen == [(T, False), (S, True)]

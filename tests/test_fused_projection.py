@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import collections
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_mha import MultiHeadAttention
+from dist_mha import MultiHeadAttention, fused_projection
 from dist_mha.fused_projection import fused_self_projection
+
+
+@pytest.fixture(params=[True, False], ids=["concat_gemm", "per_projection_gemm"])
+def concat(request, monkeypatch):
+    """Runs a test through both forward paths (the device rule picks one per call; CPU alone never concatenates)."""
+    monkeypatch.setattr(fused_projection, "concat_weights", lambda x_MD: request.param)
+    return request.param
 
 
 class _OpCounter(TorchDispatchMode):
@@ -31,12 +39,10 @@ def _layer(use_bias=True, use_gate=False, E=16, dtype=torch.float64, value_dim=3
     return layer
 
 
-# M = B*T tokens vs D = 16 input features: M >= D takes the concatenated-GEMM
-# path, M < D one GEMM per projection.
-@pytest.mark.parametrize("tokens", [(3, 8), (1, 5)], ids=["concat_gemm", "per_projection_gemm"])
+@pytest.mark.parametrize("tokens", [(3, 8), (1, 5)], ids=["24_tokens", "5_tokens"])
 @pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("use_gate", [False, True], ids=["no_gate", "gate"])
-def test_fused_projection_matches_separate_projections_values_and_grads(tokens, use_bias, use_gate):
+def test_fused_projection_matches_separate_projections_values_and_grads(concat, tokens, use_bias, use_gate):
     layer = _layer(use_bias, use_gate)
     projs = layer._self_projections()
     x = torch.randn(*tokens, 16, dtype=torch.float64, requires_grad=True)
@@ -57,8 +63,8 @@ def test_fused_projection_matches_separate_projections_values_and_grads(tokens, 
         torch.testing.assert_close(gf, gs, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("tokens", [(4, 8), (1, 3)], ids=["concat_gemm", "per_projection_gemm"])
-def test_fused_projection_keeps_nothing_weight_sized_for_backward(tokens):
+def test_fused_projection_keeps_nothing_weight_sized_for_backward(concat):
+    tokens = (4, 8)
     layer = _layer(E=16)
     projs = layer._self_projections()
     param_ptrs = {p.data_ptr() for p in layer.parameters()}
@@ -78,8 +84,8 @@ def test_fused_projection_keeps_nothing_weight_sized_for_backward(tokens):
         assert t.data_ptr() in param_ptrs or t.data_ptr() == x.data_ptr(), tuple(t.shape)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 16), (1, 3, 16)], ids=["concat_gemm", "per_projection_gemm"])
-def test_self_attention_backward_copies_no_weights_or_activations(shape):
+def test_self_attention_backward_copies_no_weights_or_activations(concat):
+    shape = (2, 8, 16)
     # value_dim == key_dim: with different head sizes torch's CPU SDPA itself
     # copies its inputs in backward, which is not what this pins.
     layer = _layer(E=16, dtype=torch.float32, value_dim=5)
@@ -92,7 +98,7 @@ def test_self_attention_backward_copies_no_weights_or_activations(shape):
     assert all(p.grad.is_contiguous() for p in layer.parameters())
 
 
-def test_fused_projection_follows_input_dtype_and_autocast():
+def test_fused_projection_follows_input_dtype_and_autocast(concat):
     layer = _layer(E=16, dtype=torch.float32)
     projs = layer._self_projections()
     x = torch.randn(4, 8, 16)
@@ -114,16 +120,25 @@ def test_fused_projection_follows_input_dtype_and_autocast():
 
 
 @pytest.mark.parametrize("call,gemms", [("self", 2), ("cross", 3), ("cross_key", 4)])
-def test_projections_of_one_tensor_share_one_gemm(call, gemms):
-    # Enough tokens (M >= D) for the concatenated-GEMM path; counts the forward's GEMMs.
+def test_projections_of_one_tensor_share_one_gemm(monkeypatch, call, gemms):
+    # Counts the forward's GEMMs on the concatenated path (what CUDA takes for M >= D).
+    monkeypatch.setattr(fused_projection, "concat_weights", lambda x_MD: True)
     layer = _layer(E=16, dtype=torch.float32, value_dim=5)
     x, y = torch.randn(2, 12, 16), torch.randn(2, 10, 16)
     args = {"self": (x, x), "cross": (x, y), "cross_key": (x, y, y.clone())}[call]
     with _OpCounter() as counter:
         out = layer(*args)
     assert counter.ops["addmm"] + counter.ops["mm"] == gemms  # q|k|v + out; q, k|v, out; q, k, v, out
+    assert counter.ops["cat"] == {"self": 2, "cross": 2, "cross_key": 0}[call]  # kernels + biases
     key = args[2] if len(args) == 3 else args[1]
     # The same weights called with a distinct key tensor: every projection separate.
     ref = MultiHeadAttention(4, 5, value_dim=5, query_shape=16, value_shape=16)
     ref.set_weights(layer.get_weights())
     torch.testing.assert_close(out, ref(x, args[1], key.clone()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,tokens,expected", [("cpu", 4096, False), ("cuda", 4096, True), ("cuda", 255, False)])
+def test_concat_rule_is_cuda_with_at_least_as_many_tokens_as_features(device, tokens, expected):
+    # Only .device and .shape are read; a CUDA tensor cannot be made here.
+    x_MD = SimpleNamespace(device=torch.device(device), shape=(tokens, 256))
+    assert fused_projection.concat_weights(x_MD) is expected

@@ -17,14 +17,23 @@ from dist_mha.kernels.request import AttentionRequest, zero_rows
 
 NAME = "flash"
 
+_IMPORT_ERRORS: list[str] = []
+# A broken install (missing CUDA libraries, ABI mismatch) raises OSError or
+# RuntimeError rather than ImportError; it must not break `import dist_mha`.
 try:  # FA3 (Hopper) first: it is the faster kernel where it is installed.
     import flash_attn_interface as _fa3  # type: ignore
 except ImportError:  # pragma: no cover - depends on the machine
     _fa3 = None
+except Exception as err:  # pragma: no cover - depends on the machine
+    _fa3 = None
+    _IMPORT_ERRORS.append(f"flash_attn_interface failed to import ({type(err).__name__}: {err})")
 try:
     import flash_attn as _fa2  # type: ignore
 except ImportError:  # pragma: no cover - depends on the machine
     _fa2 = None
+except Exception as err:  # pragma: no cover - depends on the machine
+    _fa2 = None
+    _IMPORT_ERRORS.append(f"flash_attn failed to import ({type(err).__name__}: {err})")
 
 AVAILABLE = _fa3 is not None or _fa2 is not None
 
@@ -34,7 +43,8 @@ def refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     m = req.masks
     if not AVAILABLE:
-        reasons.append("the flash-attn package is not installed (pip install 'dist_mha[flash]' on a CUDA machine)")
+        reasons.append("; ".join(_IMPORT_ERRORS)
+                       or "the flash-attn package is not installed (pip install 'dist_mha[flash]' on a CUDA machine)")
     if req.q_BTNH.device.type != "cuda":
         reasons.append(f"inputs are on {req.q_BTNH.device.type}, flash-attn needs CUDA")
     if req.q_BTNH.dtype not in (torch.float16, torch.bfloat16):

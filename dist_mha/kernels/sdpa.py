@@ -11,7 +11,10 @@ query+key padding pair costs a `(B, 1, 1, S)` mask, not `(B, 1, T, S)`.
 On CUDA, torch's cuDNN backend is put first: on an H100 (torch 2.11, bf16,
 head_dim 128) it ran 1.7-1.8x faster than SDPA's flash backend, and unlike
 that backend it takes masks. torch still falls back to flash, efficient and
-math, in that order, for inputs cuDNN refuses.
+math, in that order, for inputs cuDNN refuses. One exception: with a mask
+tensor and `S % 128 == 64`, cuDNN's backward can return NaN in dq (torch
+2.11+, H100/H200, when a row's logsumexp is below about -88.7:
+pytorch/pytorch#196678), so those calls put the memory-efficient kernel first.
 """
 
 from __future__ import annotations
@@ -25,13 +28,20 @@ from dist_mha.kernels.request import AttentionRequest, mask_with_live_rows, zero
 
 NAME = "sdpa"
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_CUDA_ORDER_MASKED_S64 = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.MATH]
 
 
-def _priority(device):
+def cuda_priority(S: int, has_mask: bool) -> list:
+    """The SDPA backend order used on CUDA for `S` keys, with or without a mask tensor."""
+    return _CUDA_ORDER_MASKED_S64 if has_mask and S % 128 == 64 else _CUDA_ORDER
+
+
+def _priority(device, S, has_mask):
     if device.type != "cuda":
         return contextlib.nullcontext()
     try:
-        return sdpa_kernel(_CUDA_ORDER, set_priority=True)
+        return sdpa_kernel(cuda_priority(S, has_mask), set_priority=True)
     except TypeError:  # torch < 2.6: no priorities; torch's own order applies
         return contextlib.nullcontext()
 
@@ -58,7 +68,7 @@ def run(req: AttentionRequest):
         mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
     if mask is not None:
         mask, keep = mask_with_live_rows(mask)
-    with _priority(req.q_BTNH.device):
+    with _priority(req.q_BTNH.device, req.S, mask is not None):
         out_BNTH = F.scaled_dot_product_attention(
             req.q_BTNH.transpose(1, 2),
             req.k_BSNH.transpose(1, 2),
