@@ -346,6 +346,25 @@ class Runner:
         return out
 
 
+def attention_ops(runner):
+    """The fused attention ops one fwd+bwd call dispatches (which SDPA kernel torch picked).
+
+    Read from the profiler's CPU-side op names (no CUPTI needed), e.g.
+    `aten::_scaled_dot_product_cudnn_attention` and its backward; None if the
+    profiler fails.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        runner.reset_grads()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.fwdbwd()
+        runner.reset_grads()
+        return sorted({e.name for e in prof.events() if e.name.startswith("aten::_") and "attention" in e.name})
+    except Exception as err:  # the profiler is a diagnostic; it must not cost the run
+        return [f"profiler failed: {type(err).__name__}: {err}"[:200]]
+
+
 class _Null:
     def __enter__(self):
         return self
@@ -683,6 +702,7 @@ def build_runners(names, shape, variant, device, dtype, mode, records_null):
             if name.startswith("dist_mha:"):
                 inner = getattr(module, "_orig_mod", module)
                 r.backend_ran = inner.last_backend
+            r.attention_ops = attention_ops(r)
             runners.append(r)
         except Unsupported as err:
             records_null[name] = str(err)
@@ -757,116 +777,118 @@ def run(args):
                     mem_method = f"failed: {type(err).__name__}: {err}"[:500]
             elif device == "cuda":
                 mem_method = "torch.cuda.max_memory_allocated - memory_allocated (after reset_peak_memory_stats)"
-            for variant in variants:
-                for mode in modes:
-                    if mode == "compiled" and variant not in args.compile_variants.split(","):
-                        continue
-                    if mode == "autocast_bf16" and variant != "self":
-                        continue
-                    mode_names = names
+            # Mode-major: every eager row is written before the first compile, so a
+            # run cut short by a timeout still has them (the targets read them).
+            for mode, variant in [(m, v) for m in modes for v in variants]:
+                if mode == "compiled" and variant not in args.compile_variants.split(","):
+                    continue
+                if mode == "autocast_bf16" and variant != "self":
+                    continue
+                mode_names = names
+                if mode == "autocast_bf16":
+                    mode_names = [n for n in names if n in ("dist_mha:sdpa", "dist_mha:flash", "torch_mha", BASELINE)]
+                if mode == "compiled":
+                    mode_names = [n for n in names if n in ("dist_mha:sdpa", "dist_mha:flash", "torch_mha", BASELINE)]
+                nulls = {}
+                t0 = time.perf_counter()
+                runners = build_runners(mode_names, shape, variant, device, dtype, mode, nulls)
+                attempts = []
+                for attempt in range(1 + (args.retries if device == "cpu" else 0)):
+                    if device != "cpu":  # skip the 0.3 s idle probe on GPU (the load is still recorded)
+                        busy_before = 0.0
+                    else:
+                        busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else others_busy(0.3)
+                    load = OthersLoad()
+                    for r in runners:
+                        r.faults = {}
+                    fwd = time_group(runners, "fwd", device, warmup, rounds, iters, nulls)
+                    fb = time_group(runners, "fwdbwd", device, warmup, rounds, iters, nulls)
+                    busy_during = load.stop()
+                    attempts.append((max(busy_before, busy_during), busy_before, busy_during, fwd, fb,
+                                     {r.name: dict(r.faults) for r in runners}))
+                    if device != "cpu" or max(busy_before, busy_during) <= 0.2:
+                        break
+                    print(f"   (attempt {attempt + 1}: other processes used {busy_during:.2f} cores; retrying)")
+                _, busy_before, busy_during, fwd, fb, faults = min(attempts, key=lambda a: a[0])
+                runners = [r for r in runners if r.name in fb]
+                for r in runners:
+                    r.faults = faults.get(r.name, {})
+                S = shape["S"] if variant == "cross" else shape["T"]
+                H = shape["E"] // shape["N"]
+                flops = attention_flops(shape["B"], shape["T"], S, shape["E"], shape["N"], H, causal=variant == "causal")
+                try:
                     if mode == "autocast_bf16":
-                        mode_names = [n for n in names if n in ("dist_mha:sdpa", "dist_mha:flash", "torch_mha", BASELINE)]
-                    if mode == "compiled":
-                        mode_names = [n for n in names if n in ("dist_mha:sdpa", "dist_mha:flash", "torch_mha", BASELINE)]
-                    nulls = {}
-                    t0 = time.perf_counter()
-                    runners = build_runners(mode_names, shape, variant, device, dtype, mode, nulls)
-                    attempts = []
-                    for attempt in range(1 + (args.retries if device == "cpu" else 0)):
-                        if device != "cpu":  # skip the 0.3 s idle probe on GPU (the load is still recorded)
-                            busy_before = 0.0
-                        else:
-                            busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else others_busy(0.3)
-                        load = OthersLoad()
-                        for r in runners:
-                            r.faults = {}
-                        fwd = time_group(runners, "fwd", device, warmup, rounds, iters, nulls)
-                        fb = time_group(runners, "fwdbwd", device, warmup, rounds, iters, nulls)
-                        busy_during = load.stop()
-                        attempts.append((max(busy_before, busy_during), busy_before, busy_during, fwd, fb,
-                                         {r.name: dict(r.faults) for r in runners}))
-                        if device != "cpu" or max(busy_before, busy_during) <= 0.2:
-                            break
-                        print(f"   (attempt {attempt + 1}: other processes used {busy_during:.2f} cores; retrying)")
-                    _, busy_before, busy_during, fwd, fb, faults = min(attempts, key=lambda a: a[0])
-                    runners = [r for r in runners if r.name in fb]
-                    for r in runners:
-                        r.faults = faults.get(r.name, {})
-                    S = shape["S"] if variant == "cross" else shape["T"]
-                    H = shape["E"] // shape["N"]
-                    flops = attention_flops(shape["B"], shape["T"], S, shape["E"], shape["N"], H, causal=variant == "causal")
-                    try:
-                        if mode == "autocast_bf16":
-                            auto = auto_backend(shape, variant, device, torch.float32, ("cuda", torch.bfloat16))
-                        else:
-                            auto = auto_backend(shape, variant, device, dtype)
-                    except Exception as err:
-                        auto = f"error: {err}"
-                    base_rows = {}
-                    rows = []
-                    for r in runners:
-                        rec = dict(shape=shape["name"], dims=dict(B=shape["B"], T=shape["T"], S=S, E=shape["E"], N=shape["N"], H=H),
-                                   variant=variant, impl=r.name, mode=mode, dtype=str(dtype).replace("torch.", "") if mode != "autocast_bf16" else "float32+autocast(bfloat16)",
-                                   device=device, flops_fwd=flops, flops_fwdbwd=3 * flops,
-                                   fwd_ms=statistics.median(fwd[r.name]), fwdbwd_ms=statistics.median(fb[r.name]),
-                                   fwd_ms_min=min(fwd[r.name]), fwdbwd_ms_min=min(fb[r.name]),
-                                   n_timed=len(fwd[r.name]), warmup=warmup, auto_backend=auto, reason=None,
-                                   others_cpu_cores_before=round(busy_before, 3), others_cpu_cores_during=round(busy_during, 3))
-                        rec["fwd_tflops"] = flops / (rec["fwd_ms"] * 1e-3) / 1e12
-                        rec["fwdbwd_tflops"] = 3 * flops / (rec["fwdbwd_ms"] * 1e-3) / 1e12
-                        if device == "cpu":
-                            rec["minor_faults_per_call"] = {ph: round(r.faults.get(ph, 0) / max(1, len(d[r.name])), 1)
-                                                            for ph, d in (("fwd", fwd), ("fwdbwd", fb))}
-                        if hasattr(r, "backend_ran"):
-                            rec["backend_ran"] = r.backend_ran
-                        if hasattr(r, "compile_info"):
-                            rec["compile"] = r.compile_info
-                        if mode == "eager":
-                            if device == "cuda":
-                                try:
-                                    rec["peak_mem_fwd_bytes"] = measure_mem_cuda(r, "fwd")
-                                    rec["peak_mem_fwdbwd_bytes"] = measure_mem_cuda(r, "fwdbwd")
-                                except torch.cuda.OutOfMemoryError as err:
-                                    rec["peak_mem_error"] = f"OOM: {str(err)[:300]}"
-                                    torch.cuda.empty_cache()
-                            else:
-                                m = cpu_mem.get((r.name, variant), {})
-                                rec["peak_mem_fwd_bytes"] = m.get("peak_mem_fwd_bytes")
-                                rec["peak_mem_fwdbwd_bytes"] = m.get("peak_mem_fwdbwd_bytes")
-                                if "error" in m:
-                                    rec["peak_mem_error"] = m["error"]
-                            rec["mem_method"] = mem_method
-                        rows.append(rec)
-                        if r.name == BASELINE:
-                            base_rows = rec
-                    for name, why in nulls.items():
-                        rows.append(dict(shape=shape["name"], variant=variant, impl=name, mode=mode, device=device,
-                                         dtype=str(dtype).replace("torch.", ""), fwd_ms=None, fwdbwd_ms=None,
-                                         fwd_tflops=None, fwdbwd_tflops=None, reason=why, auto_backend=auto))
-                    eager_base = next((x for x in doc["records"] if x["shape"] == shape["name"] and x["variant"] == variant
-                                       and x["impl"] == BASELINE and x["mode"] == "eager" and x.get("fwd_ms")), None)
+                        auto = auto_backend(shape, variant, device, torch.float32, ("cuda", torch.bfloat16))
+                    else:
+                        auto = auto_backend(shape, variant, device, dtype)
+                except Exception as err:
+                    auto = f"error: {err}"
+                base_rows = {}
+                rows = []
+                for r in runners:
+                    rec = dict(shape=shape["name"], dims=dict(B=shape["B"], T=shape["T"], S=S, E=shape["E"], N=shape["N"], H=H),
+                               variant=variant, impl=r.name, mode=mode, dtype=str(dtype).replace("torch.", "") if mode != "autocast_bf16" else "float32+autocast(bfloat16)",
+                               device=device, flops_fwd=flops, flops_fwdbwd=3 * flops,
+                               fwd_ms=statistics.median(fwd[r.name]), fwdbwd_ms=statistics.median(fb[r.name]),
+                               fwd_ms_min=min(fwd[r.name]), fwdbwd_ms_min=min(fb[r.name]),
+                               n_timed=len(fwd[r.name]), warmup=warmup, auto_backend=auto, reason=None,
+                               others_cpu_cores_before=round(busy_before, 3), others_cpu_cores_during=round(busy_during, 3))
+                    rec["fwd_tflops"] = flops / (rec["fwd_ms"] * 1e-3) / 1e12
+                    rec["fwdbwd_tflops"] = 3 * flops / (rec["fwdbwd_ms"] * 1e-3) / 1e12
+                    if device == "cpu":
+                        rec["minor_faults_per_call"] = {ph: round(r.faults.get(ph, 0) / max(1, len(d[r.name])), 1)
+                                                        for ph, d in (("fwd", fwd), ("fwdbwd", fb))}
+                    if hasattr(r, "backend_ran"):
+                        rec["backend_ran"] = r.backend_ran
+                    rec["attention_ops"] = getattr(r, "attention_ops", None)
+                    if hasattr(r, "compile_info"):
+                        rec["compile"] = r.compile_info
                     if mode == "eager":
-                        eager_base = base_rows or None
-                    for rec in rows:
-                        for ph in ("fwd", "fwdbwd"):
-                            v = rec.get(f"{ph}_ms")
-                            b = base_rows.get(f"{ph}_ms") if base_rows else None
-                            rec[f"{ph}_ratio"] = v / b if v and b else None
-                            eb = eager_base.get(f"{ph}_ms") if eager_base else None
-                            rec[f"{ph}_ratio_vs_eager_baseline"] = v / eb if v and eb else None
-                        pm, bm = rec.get("peak_mem_fwdbwd_bytes"), base_rows.get("peak_mem_fwdbwd_bytes") if base_rows else None
-                        rec["peak_mem_fwdbwd_ratio"] = pm / bm if pm is not None and bm else None
-                    doc["records"] += rows
-                    print_group(shape, variant, mode, rows, time.perf_counter() - t0)
-                    if device == "cpu" and max(busy_before, busy_during) > 0.2:
-                        print(f"   WARNING: other processes used {busy_before:.2f} cores before / {busy_during:.2f} cores "
-                              f"during this group's timing (of {os.cpu_count()}); these timings are contaminated. "
-                              "Rerun on a quiet machine or with --wait-quiet SECONDS.")
-                    del runners
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    _write_json(doc, out_path)
+                        if device == "cuda":
+                            try:
+                                rec["peak_mem_fwd_bytes"] = measure_mem_cuda(r, "fwd")
+                                rec["peak_mem_fwdbwd_bytes"] = measure_mem_cuda(r, "fwdbwd")
+                            except Exception as err:  # OOM, or a kernel error: record it, keep going
+                                rec["peak_mem_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                                torch.cuda.empty_cache()
+                        else:
+                            m = cpu_mem.get((r.name, variant), {})
+                            rec["peak_mem_fwd_bytes"] = m.get("peak_mem_fwd_bytes")
+                            rec["peak_mem_fwdbwd_bytes"] = m.get("peak_mem_fwdbwd_bytes")
+                            if "error" in m:
+                                rec["peak_mem_error"] = m["error"]
+                        rec["mem_method"] = mem_method
+                    rows.append(rec)
+                    if r.name == BASELINE:
+                        base_rows = rec
+                for name, why in nulls.items():
+                    rows.append(dict(shape=shape["name"], variant=variant, impl=name, mode=mode, device=device,
+                                     dtype=str(dtype).replace("torch.", ""), fwd_ms=None, fwdbwd_ms=None,
+                                     fwd_tflops=None, fwdbwd_tflops=None, reason=why, auto_backend=auto))
+                eager_base = next((x for x in doc["records"] if x["shape"] == shape["name"] and x["variant"] == variant
+                                   and x["impl"] == BASELINE and x["mode"] == "eager" and x.get("fwd_ms")), None)
+                if mode == "eager":
+                    eager_base = base_rows or None
+                for rec in rows:
+                    for ph in ("fwd", "fwdbwd"):
+                        v = rec.get(f"{ph}_ms")
+                        b = base_rows.get(f"{ph}_ms") if base_rows else None
+                        rec[f"{ph}_ratio"] = v / b if v and b else None
+                        eb = eager_base.get(f"{ph}_ms") if eager_base else None
+                        rec[f"{ph}_ratio_vs_eager_baseline"] = v / eb if v and eb else None
+                    pm, bm = rec.get("peak_mem_fwdbwd_bytes"), base_rows.get("peak_mem_fwdbwd_bytes") if base_rows else None
+                    rec["peak_mem_fwdbwd_ratio"] = pm / bm if pm is not None and bm else None
+                doc["records"] += rows
+                print_group(shape, variant, mode, rows, time.perf_counter() - t0)
+                if device == "cpu" and max(busy_before, busy_during) > 0.2:
+                    print(f"   WARNING: other processes used {busy_before:.2f} cores before / {busy_during:.2f} cores "
+                          f"during this group's timing (of {os.cpu_count()}); these timings are contaminated. "
+                          "Rerun on a quiet machine or with --wait-quiet SECONDS.")
+                del runners
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                _write_json(doc, out_path)
     doc["total_seconds"] = time.perf_counter() - t_start
     doc["targets"] = evaluate_targets(doc["records"], device)
     _write_json(doc, out_path)
@@ -944,6 +966,31 @@ def evaluate_targets(records, device):
                     out.append(dict(target=f"CPU small {r['variant']} {ph} time <= 1.10x fused_baseline",
                                     impl=r["impl"], value=r[f"{ph}_ratio"], ok=r[f"{ph}_ratio"] <= 1.10))
     return out
+
+
+def check_targets(paths, device, expected=3):
+    """Evaluates the targets from result files (gpu_check.sh's last step); returns the exit status.
+
+    0: every target met; 3: one missed, or fewer than `expected` could be
+    evaluated (rows missing, e.g. a benchmark step timed out).
+    """
+    records = []
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                records += json.load(f)["records"]
+        else:
+            print(f"   missing {path}")
+    for r in records:  # which kernels the target rows ran, for the report
+        if r.get("shape") == "large" and r.get("variant") == "self" and r.get("mode") == "eager" and r.get("fwdbwd_ms"):
+            print(f"   large self eager {r['impl']:<16} fwd+bwd {r['fwdbwd_ms']:8.3f} ms {r['fwdbwd_tflops']:7.1f} TFLOP/s "
+                  f"ops={r.get('attention_ops')}")
+    targets = evaluate_targets(records, device)
+    print_targets(targets)
+    if len(targets) < expected:
+        print(f"   [MISS] only {len(targets)} of >= {expected} targets could be evaluated (rows missing)")
+        return 3
+    return 0 if all(t["ok"] for t in targets) else 3
 
 
 def print_targets(targets):
@@ -1026,10 +1073,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/attention_<device>_<dtype>.json)")
     p.add_argument("--mem-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--check-targets", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: evaluate the --device targets from these result files; exit 0 met, 3 missed")
     args = p.parse_args(argv)
     if args.mem_worker is not None:
         mem_worker(args.mem_worker)
         return
+    if args.check_targets:
+        sys.exit(check_targets(args.check_targets, args.device, expected=3 if args.device == "cuda" else 8))
     run(args)
 
 
