@@ -83,3 +83,29 @@ def test_seeded_dropout_reproducible_on_cuda():
         x = torch.randn(2, 32, 64, device="cuda")
         outs.append(layer(x, x, training=True))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("S", [192, 704])
+def test_sdpa_masked_backward_is_finite_where_cudnn_gives_nan_on_cuda(S):
+    """pytorch/pytorch#196678: cuDNN's backward, a mask tensor, S % 128 == 64 and
+    every logit very negative (logsumexp < -88.7) gave NaN dq. dist_mha's SDPA
+    order puts the efficient kernel first there; the gradients must be finite."""
+    import math
+
+    from dist_mha.kernels import AttentionRequest, sdpa
+    from dist_mha.masks import MaskSpec
+
+    torch.manual_seed(0)
+    B, N, H = 1, 2, 64
+    q = torch.randn(B, S, N, H, device="cuda", dtype=torch.bfloat16) * 0.1
+    k = torch.randn(B, S, N, H, device="cuda", dtype=torch.bfloat16) * 0.1
+    v = torch.randn(B, S, N, H, device="cuda", dtype=torch.bfloat16)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(H)  # every logit about -120
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    keep = torch.ones(B, S, dtype=torch.bool, device="cuda")  # an all-True key mask still passes a mask tensor
+    req = AttentionRequest(q, k, v, MaskSpec(k_keep_BS=keep), scale=1 / math.sqrt(H))
+    out, _ = sdpa.run(req)
+    out.backward(torch.randn_like(out))
+    for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has {(~torch.isfinite(t)).sum().item()} non-finite values"
