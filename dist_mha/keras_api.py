@@ -12,7 +12,7 @@ import torch
 from dist_mha import config as cfg
 from dist_mha import constraints, initializers, regularizers
 from dist_mha.parallel import checkpoint as tp_checkpoint
-from dist_mha.parallel import sharding
+from dist_mha.parallel import region, sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
@@ -214,3 +214,21 @@ class KerasLayerAPI:
         >>> handle = layer.constraint_hook(optimizer)  # handle.remove() to stop
         """
         return optimizer.register_step_post_hook(lambda *_: self.apply_constraints())
+
+    # -- activity regularisation --------------------------------------------------
+    def _record_activity(self, q, k, gate, v, output) -> None:
+        reg = self._activity_regularizer
+        if reg is None:
+            if self._activity_losses:
+                self.__dict__["_activity_losses"] = []
+            return
+        self.__dict__["_activity_losses"] = []
+        # Keras regularises each sublayer's output, divided by its batch size.
+        # q/k/gate/v hold this rank's heads; the output is replicated, or
+        # sharded on dim 1 under sequence parallelism.
+        head_dim = q.dim() - 2
+        for y in (q, k, gate, v):
+            if y is not None:
+                self._activity_losses.append(sharding.penalty(reg, y, head_dim, self.tp_group) / y.shape[0])
+        out_dim = region.SEQ_DIM if self.sequence_parallel else None
+        self._activity_losses.append(sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0])

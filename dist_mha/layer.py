@@ -26,7 +26,7 @@ from dist_mha.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.masks import build_mask_spec
 from dist_mha.parallel import region, sharding
 from dist_mha import projections
-from dist_mha.fused_projection import fused_self_projection
+from dist_mha.fused_projection import project
 from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 _DROPOUT_MODES = ("per_rank", "tp_invariant")
@@ -308,7 +308,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
                                 return_attention_scores, use_causal_mask, dropout_p > 0)
             query, value, key = region.enter(group, sp, query, value, key)
 
-        q, k, gate, v = self._project(query, key, value)  # (B, d.., n, H|Hv), n = this rank's heads
+        q, k, gate, v = project(self._self_projections(), query, key, value)  # (B, d.., n, H|Hv), n = local heads
         layout = AttentionLayout(query.dim(), self._attention_axes)
         batch = [q.shape[d] for d in layout.batch_dims]
         t_dims = [q.shape[d] for d in layout.attention_axes]
@@ -360,40 +360,3 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
 
     def _self_projections(self):
         return [self.query_dense, self.key_dense, self._modules.get("gate"), self.value_dense]
-
-    def _project(self, query, key, value):
-        """`(q, k, gate or None, v)`; projections of the same tensor run as one fused GEMM.
-
-        Self-attention fuses all of them; cross-attention with `key=None`
-        fuses key and value (and the gate with the query).
-        """
-        projs = self._self_projections()
-        xs = (query, key, query, value)
-        out = [None] * 4
-        for i, (proj, x) in enumerate(zip(projs, xs)):
-            if proj is None or out[i] is not None:
-                continue
-            same = [j for j in range(i, 4) if projs[j] is not None and xs[j] is x]
-            if len(same) == 1:
-                out[i] = proj(x)
-                continue
-            for j, y in zip(same, fused_self_projection([projs[j] for j in same], x)):
-                out[j] = y
-        return tuple(out)
-
-    def _record_activity(self, q, k, gate, v, output) -> None:
-        reg = self._activity_regularizer
-        if reg is None:
-            if self._activity_losses:
-                self.__dict__["_activity_losses"] = []
-            return
-        self.__dict__["_activity_losses"] = []
-        # Keras regularises each sublayer's output, divided by its batch size.
-        # q/k/gate/v hold this rank's heads; the output is replicated, or
-        # sharded on dim 1 under sequence parallelism.
-        head_dim = q.dim() - 2
-        for y in (q, k, gate, v):
-            if y is not None:
-                self._activity_losses.append(sharding.penalty(reg, y, head_dim, self.tp_group) / y.shape[0])
-        out_dim = region.SEQ_DIM if self.sequence_parallel else None
-        self._activity_losses.append(sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -56,6 +57,19 @@ def refusals(req: AttentionRequest) -> list[str]:
     return reasons
 
 
+def _all_rows_live(masks) -> bool:
+    """True when key padding alone masks and every batch row keeps a key (no row needs zeroing).
+
+    Checked on CPU only, in eager mode: on CUDA reading the answer would wait
+    for the GPU, and under torch.compile it would break the graph.
+    """
+    if masks.dense_BNTS is not None or masks.causal or masks.window is not None or masks.k_keep_BS is None:
+        return False
+    if masks.k_keep_BS.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(masks.k_keep_BS.any(dim=1).all())
+
+
 def run(req: AttentionRequest):
     """Returns `(out_BTNH, None)`."""
     masks = req.masks
@@ -66,7 +80,7 @@ def run(req: AttentionRequest):
         mask, is_causal = None, True
     else:
         mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
-    if mask is not None:
+    if mask is not None and not _all_rows_live(masks):
         mask, keep = mask_with_live_rows(mask)
     with _priority(req.q_BTNH.device, req.S, mask is not None):
         out_BNTH = F.scaled_dot_product_attention(
