@@ -16,10 +16,15 @@ SHAPES = {
         "cuda": [dict(name="large", B=8, T=2048, S=1024, E=4096, N=32)],
     },
     "memory": {
+        # T/E = 4 (the GPU's T=16k E=4096 in miniature) and T/E = 0.5, where the
+        # weights are as large as the activations and any weight copy shows.
         "cpu": [dict(name="memory_T1024", B=1, T=1024, S=512, E=256, N=8, variants=("self", "causal")),
-                dict(name="memory_T4096", B=1, T=4096, S=2048, E=256, N=8, variants=("self",))],
-        "cuda": [dict(name=f"memory_T{t}", B=1, T=t, S=t // 2, E=4096, N=32, variants=("self", "causal"), iters=(1, 3, 1))
-                 for t in (4096, 8192, 16384)],
+                dict(name="memory_T4096", B=1, T=4096, S=2048, E=256, N=8, variants=("self",)),
+                dict(name="memory_T2048_E512", B=1, T=2048, S=1024, E=512, N=4, variants=("self",)),
+                dict(name="memory_T512_E1024", B=1, T=512, S=256, E=1024, N=8, variants=("self",))],
+        "cuda": [dict(name="memory_T1024", B=1, T=1024, S=512, E=4096, N=32, variants=("self",), iters=(1, 3, 1))]
+                + [dict(name=f"memory_T{t}", B=1, T=t, S=t // 2, E=4096, N=32, variants=("self", "causal"),
+                        iters=(1, 3, 1)) for t in (4096, 8192, 16384)],
     },
 }
 DEFAULT_SHAPES = {"cpu": "small,memory", "cuda": "large,memory"}
