@@ -25,7 +25,7 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the GPU image may have only python3
 RESULTS=${GPU_CHECK_OUT:-bench/results}
 mkdir -p "$RESULTS"
 export KERAS_BACKEND=torch
