@@ -153,3 +153,16 @@ def test_cost_model_payloads_match_bytes_counted_on_real_runs(rank_pool, sp):
             for phase in ("forward", "backward"):
                 got = sorted((names.get(n, n), b) for n, b in counted[phase])
                 assert got == sorted(predicted[phase]), (tp, phase)
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp_sp"])
+def test_compile_under_tp_breaks_only_for_the_rank_check(rank_pool, sp):
+    # check_ranks=False: the collectives (custom autograd Functions over
+    # torch.distributed) trace into one graph. check_ranks=True reads the
+    # agreement all-reduce back to Python: one data-dependent break (README).
+    for graphs, breaks, reasons, same in rank_pool.run(tp_tasks.compile_graph_breaks, 2, False, sp):
+        assert (graphs, breaks) == (1, 0), reasons
+        assert same
+    for graphs, breaks, reasons, same in rank_pool.run(tp_tasks.compile_graph_breaks, 2, True, sp):
+        assert breaks == 1 and graphs == 2, reasons
+        assert same

@@ -320,3 +320,18 @@ def counted_bytes(ctx, tp, sequence_parallel, cross):
     with count_collectives() as bwd:
         out.sum().backward()
     return {"forward": [(n, k * 4) for n, k in fwd], "backward": [(n, k * 4) for n, k in bwd]}
+
+
+def compile_graph_breaks(ctx, tp, check_ranks, sequence_parallel):
+    """`torch._dynamo.explain` of one TP call: (graphs, breaks, reasons), and whether compiled == eager."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    dynamo.reset()
+    layer = MultiHeadAttention(4, 8, query_shape=32, tp_group=ctx.group(tp), check_ranks=check_ranks,
+                               sequence_parallel=sequence_parallel, dtype=torch.float64)
+    x = torch.randn(2, 8 // tp if sequence_parallel else 8, 32, dtype=torch.float64)
+    e = dynamo.explain(layer)(x, x, use_causal_mask=True)
+    compiled = torch.compile(layer, backend="eager")(x, x, use_causal_mask=True)
+    same = bool(torch.equal(compiled, layer(x, x, use_causal_mask=True)))
+    return e.graph_count, e.graph_break_count, sorted({str(b.reason).splitlines()[0] for b in e.break_reasons}), same
