@@ -19,6 +19,10 @@
 #   5. the issue's GPU targets, read back from the two JSON files
 #      (bench_attention.py --check-targets), with the attention kernels each ran
 #
+# GPU_CHECK_DRY_RUN=1 runs the same steps on CPU at the small shape (the GPU
+# tests skip), to check the script itself on a machine without a GPU
+# (tests/test_bench.py does).
+#
 # Exit status: 0 when every step passed and every GPU target was met;
 # 1 when a test or benchmark step failed (or timed out); 3 when everything ran
 # but a performance target was missed (set ALLOW_TARGET_MISS=1 to exit 0 then).
@@ -47,11 +51,20 @@ step() {  # step <name> <timeout_s> <command...>
   return 0
 }
 
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+DEVICE=cuda
+LARGE=(--shapes large --compile)
+MEMORY=(--shapes memory)
+if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
+  DEVICE=cpu
+  LARGE=(--shapes small --impls dist_mha:sdpa --heaviness heavy --no-memory)
+  MEMORY=(--shapes small --variants self --impls dist_mha:sdpa --heaviness heavy)
+  echo "gpu_check: dry run on CPU (GPU_CHECK_DRY_RUN=1)"
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch.cuda.is_available() is False with $PY; nothing to check here" >&2
   exit 1
+else
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
 fi
-"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
 "$PY" -c 'import dist_mha.kernels.flash as f; print("flash-attn available:", f.AVAILABLE)' || true
 
 # Test steps. Exit code 5 (nothing collected) counts as a failure: the marker or path is wrong.
@@ -59,13 +72,13 @@ step pytest-gpu 75 "$PY" -m pytest -q -rs tests/test_gpu.py
 step pytest-tp-cuda 75 "$PY" -m pytest -q -rs "tests/test_tp.py::test_same_parity_on_cuda"
 
 # Benchmarks. They rewrite their JSON after every group, so a timeout still leaves partial results.
-step bench-large 240 "$PY" bench/bench_attention.py --device cuda --shapes large --compile --out "$RESULTS/gpu_large.json"
-step bench-memory 75 "$PY" bench/bench_attention.py --device cuda --shapes memory --no-chart --out "$RESULTS/gpu_memory.json"
+step bench-large 240 "$PY" bench/bench_attention.py --device "$DEVICE" "${LARGE[@]}" --out "$RESULTS/gpu_large.json"
+step bench-memory 75 "$PY" bench/bench_attention.py --device "$DEVICE" "${MEMORY[@]}" --no-chart --out "$RESULTS/gpu_memory.json"
 
 # Targets from the issue (see bench/README.md), evaluated on whatever was written.
 echo
 echo "=== [targets]"
-"$PY" bench/bench_attention.py --device cuda --check-targets "$RESULTS/gpu_large.json" "$RESULTS/gpu_memory.json" \
+"$PY" bench/bench_attention.py --device "$DEVICE" --check-targets "$RESULTS/gpu_large.json" "$RESULTS/gpu_memory.json" \
   | tee "$RESULTS/gpu_targets.txt"
 targets_rc=$?
 
