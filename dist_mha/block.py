@@ -15,7 +15,6 @@ per-rank stream instead.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -10,7 +10,6 @@ produced in the same configuration being tested.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np

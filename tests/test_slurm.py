@@ -7,11 +7,9 @@ are skipped with the reason.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

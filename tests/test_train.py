@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import FAST, final_weights, metrics, torchrun, train
+from train_helpers import final_weights, metrics, torchrun, train
 
 
 
