@@ -72,7 +72,7 @@ Implementations:
 * ``dist_mha:sdpa`` / ``dist_mha:math`` / ``dist_mha:flash`` -- ``dist_mha.MultiHeadAttention``
   at TP=1 with ``attention_backend=`` forced, built eagerly with ``query_shape=``.
   A backend that refuses the call (or flash-attn not installed:
-  ``dist_mha.kernels.flash.AVAILABLE`` False) gets a null record with the reason.
+  ``dist_mha.core.kernels.flash.AVAILABLE`` False) gets a null record with the reason.
   ``auto_backend`` in each record says what the default (``flash_attention=None``)
   picks for that call, ``backend_ran`` what the forced layer reported.
 * ``torch_mha`` -- ``torch.nn.MultiheadAttention(batch_first=True)``, ``need_weights=False``.
@@ -118,15 +118,51 @@ if HERE not in sys.path:  # the attention_bench package (already sys.path[0] whe
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
 
 from attention_bench.config import (  # noqa: E402,F401
-    BASELINE, CPU_HEAVY, DEFAULT_SHAPES, ITERS, SHAPES, VARIANTS)
+    BASELINE,
+    CPU_HEAVY,
+    DEFAULT_SHAPES,
+    ITERS,
+    SHAPES,
+    VARIANTS,
+)
 from attention_bench.driver import run  # noqa: E402,F401
 from attention_bench.impls import (  # noqa: E402,F401
-    FusedBaseline, Unsupported, _keras, attention_flops, auto_backend, impl_names, make_impl, make_inputs)
-from attention_bench.load import OthersLoad, _cpu_jiffies, _proc_jiffies, others_busy, wait_quiet  # noqa: E402,F401
+    FusedBaseline,
+    Unsupported,
+    _keras,
+    attention_flops,
+    auto_backend,
+    impl_names,
+    make_impl,
+    make_inputs,
+)
+from attention_bench.load import (  # noqa: E402,F401
+    OthersLoad,
+    _cpu_jiffies,
+    _proc_jiffies,
+    others_busy,
+    wait_quiet,
+)
 from attention_bench.memory import (  # noqa: E402,F401
-    _can_reset_hwm, _mem_subprocess, _proc_status, cpu_memory, measure_mem_cpu, measure_mem_cuda, mem_worker)
+    _can_reset_hwm,
+    _mem_subprocess,
+    _proc_status,
+    cpu_memory,
+    measure_mem_cpu,
+    measure_mem_cuda,
+    mem_worker,
+)
 from attention_bench.report import (  # noqa: E402,F401
-    _find, _write_json, chart, check_targets, evaluate_targets, fmt_ms, machine_info, print_group, print_targets)
+    _find,
+    _write_json,
+    chart,
+    check_targets,
+    evaluate_targets,
+    fmt_ms,
+    machine_info,
+    print_group,
+    print_targets,
+)
 from attention_bench.runners import build_runners, heaviness, math_too_big  # noqa: E402,F401
 from attention_bench.timing import Runner, _Null, _sync, attention_ops, time_group  # noqa: E402,F401
 

@@ -19,7 +19,7 @@ slower rank's):
 2. ``check_ranks`` -- TP=2 forward (no_grad) per call with `check_ranks=True`
    vs `False` (same layer; the flag alternates every block of 10 calls so both
    settings see the same conditions; the quartiles of the per-block-pair
-   differences show the spread), the isolated `dist_mha.inputs.check_tp_call`
+   differences show the spread), the isolated `dist_mha.core.inputs.check_tp_call`
    (the tiny int64 all-reduce + `.tolist()` host sync that the flag adds), and a
    raw gloo all-reduce of the same 74 int64 as the floor, in microseconds.
 3. ``dropout_mode`` -- dropout=0.1, training=True, fwd+bwd at TP=1 and TP=2:
@@ -54,8 +54,8 @@ for _p in (ROOT, HERE):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from bench_attention import _proc_status  # noqa: E402
+
 from dist_mha import MultiHeadAttention  # noqa: E402
 
 SHAPES = {
@@ -132,7 +132,7 @@ def task_fwdbwd(ctx, tp, shape_name, warmup, iters, layer_kwargs=None, training=
 
 def task_check_ranks(ctx, shape_name, warmup, iters):
     """TP=2 forward per call with check_ranks on/off (alternating), and the bare check."""
-    from dist_mha import inputs as dm_inputs
+    from dist_mha.core import inputs as dm_inputs
 
     group = ctx.group(2)
     layer, x, _ = _build(SHAPES[shape_name], group)
@@ -227,8 +227,9 @@ def main(argv=None):
                     help="re-run a group up to N more times when other processes used > 0.2 cores; keep the quietest")
     args = ap.parse_args(argv)
 
-    import bench_tp as mod  # tasks must be resolved as bench_tp:<name> by the workers, not __main__
     import bench_attention as ba
+    import bench_tp as mod  # tasks must be resolved as bench_tp:<name> by the workers, not __main__
+
     from dist_mha.testing import RankPool
 
     it = {"small": (5, 30), "medium": (2, 10)}

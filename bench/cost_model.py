@@ -17,7 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dist_mha.parallel.cost_model import CallShape, cp_wire_bytes, tp_payloads, wire_bytes  # noqa: E402
+from dist_mha.parallel.cost_model import (  # noqa: E402
+    CallShape,
+    cp_wire_bytes,
+    tp_payloads,
+    wire_bytes,
+)
 
 # Assumptions (per GPU, one direction): NVLink 4 on H100 SXM ~ 450 GB/s peak, ~360 GB/s achieved by
 # NCCL ring all-reduce bus bandwidth; InfiniBand NDR 400 Gb/s = 50 GB/s peak, ~40 GB/s achieved.

@@ -1,7 +1,7 @@
 """dist_mha: Keras 3's MultiHeadAttention for PyTorch: pluggable kernels, tensor parallelism."""
 
-from dist_mha.block import TransformerBlock
-from dist_mha.layer import MultiHeadAttention
+from dist_mha.layers.multi_head_attention import MultiHeadAttention
+from dist_mha.models.block import TransformerBlock
 
 __all__ = ["MultiHeadAttention", "TransformerBlock"]
 __version__ = "0.1.0"

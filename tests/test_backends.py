@@ -159,7 +159,7 @@ def test_fused_self_attention_projection_equals_separate_projections(use_gate, u
                                               (200, True, "CUDNN_ATTENTION")])
 def test_cuda_sdpa_order_keeps_masked_S_mod_128_eq_64_off_cudnn(S, has_mask, first):
     # pytorch/pytorch#196678: cuDNN's backward can give NaN dq there (mask tensor, S % 128 == 64).
-    from dist_mha.kernels import sdpa
+    from dist_mha.core.kernels import sdpa
 
     order = sdpa.cuda_priority(S, has_mask)
     assert order[0].name == first
@@ -167,7 +167,7 @@ def test_cuda_sdpa_order_keeps_masked_S_mod_128_eq_64_off_cudnn(S, has_mask, fir
 
 
 def test_sdpa_priority_sees_key_count_and_whether_a_mask_tensor_is_passed(monkeypatch):
-    from dist_mha.kernels import sdpa
+    from dist_mha.core.kernels import sdpa
 
     seen, real = [], sdpa._priority
 

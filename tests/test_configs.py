@@ -11,7 +11,7 @@ pytest.importorskip("hydra", reason="needs hydra-core (the launch extra)")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dist_mha.train.app import register_resolvers, strip_local_rank  # noqa: E402
-from train_helpers import ROOT, FAST, env, metrics  # noqa: E402
+from train_helpers import FAST, ROOT, env, metrics  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONFIGS.iterdir() if g.is_dir() and g.name != "hydra"}

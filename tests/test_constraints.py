@@ -1,13 +1,14 @@
-"""Tests for dist_mha.constraints, with real Keras as the oracle."""
+"""Tests for dist_mha.keras_objects.constraints, with real Keras as the oracle."""
 
 import json
 
 import pytest
 import torch
+
 keras = pytest.importorskip("keras", minversion="3.15", reason="needs keras>=3.15 (the dev extra) as the oracle")
 from keras.src.constraints import ALL_OBJECTS_DICT as KERAS_TABLE  # noqa: E402
 
-from dist_mha import constraints as ours
+from dist_mha.keras_objects import constraints as ours
 
 CONFIG_CASES = [
     ("MaxNorm", {}), ("MaxNorm", {"max_value": 3, "axis": (0, 1)}),

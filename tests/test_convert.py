@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_mha import MultiHeadAttention
-from dist_mha.convert import from_torch_mha, to_torch_mha
+from dist_mha.layers.convert import from_torch_mha, to_torch_mha
 
 
 @pytest.mark.parametrize("bias", [True, False])

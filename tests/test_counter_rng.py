@@ -1,4 +1,4 @@
-"""Tests for dist_mha.counter_rng: the stateless, blockwise generator."""
+"""Tests for dist_mha.core.counter_rng: the stateless, blockwise generator."""
 
 import math
 import time
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_mha import counter_rng as crng
-from dist_mha.counter_rng import mix64, normal, uniform
+from dist_mha.core import counter_rng as crng
+from dist_mha.core.counter_rng import mix64, normal, uniform
 
 M64 = (1 << 64) - 1
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_mha import MultiHeadAttention, fused_projection
-from dist_mha.fused_projection import fused_self_projection
+from dist_mha import MultiHeadAttention
+from dist_mha.core import fused_projection
+from dist_mha.core.fused_projection import fused_self_projection
 
 
 @pytest.fixture(params=[True, False], ids=["concat_gemm", "per_projection_gemm"])

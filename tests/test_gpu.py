@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.kernels import flash
+from dist_mha.core.kernels import flash
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA, found none")
@@ -93,8 +93,8 @@ def test_sdpa_masked_backward_is_finite_where_cudnn_gives_nan_on_cuda(S):
     order puts the efficient kernel first there; the gradients must be finite."""
     import math
 
-    from dist_mha.kernels import AttentionRequest, sdpa
-    from dist_mha.masks import MaskSpec
+    from dist_mha.core.kernels import AttentionRequest, sdpa
+    from dist_mha.core.masks import MaskSpec
 
     torch.manual_seed(0)
     B, N, H = 1, 2, 64

@@ -1,4 +1,4 @@
-"""Tests for dist_mha.initializers, with real Keras as the oracle."""
+"""Tests for dist_mha.keras_objects.initializers, with real Keras as the oracle."""
 
 import json
 import math
@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+
 keras = pytest.importorskip("keras", minversion="3.15", reason="needs keras>=3.15 (the dev extra) as the oracle")
 from keras.src.initializers import ALL_OBJECTS_DICT as KERAS_TABLE  # noqa: E402
 
-from dist_mha import initializers as ours
+from dist_mha.keras_objects import initializers as ours
 
 SHAPE = (64, 8, 16)  # q/k/v kernel (D, N, H): fan_in=D, fan_out=N*H
 QKV = dict(equation="abc,cde->abde", output_shape=(None, 8, 16), input_shape=(None, None, 64),
@@ -285,7 +286,7 @@ def test_orthogonal_matches_keras_shape_handling(shape, gain):
 def test_orthogonal_is_sign_fixed_qr_of_the_keyed_normal_matrix():
     # Keras: a = normal((max, min)); q, r = qr(a); q *= sign(diag(r)). So
     # q.T @ a == r * sign(diag(r)): upper triangular with a positive diagonal.
-    from dist_mha.counter_rng import mix64, normal
+    from dist_mha.core.counter_rng import mix64, normal
 
     for shape in [(12, 5), (5, 12)]:
         q = ours.Orthogonal(seed=4)(shape, torch.float64, salt=2)

@@ -137,8 +137,8 @@ def test_weight_shapes_and_order_match_keras():
 @pytest.mark.parametrize("kwargs", [dict(num_heads=2, key_dim=4), dict(num_heads=2, key_dim=4, output_shape=(3, 5)), dict(num_heads=2, key_dim=4, attention_axes=(2,))])
 @pytest.mark.parametrize("shapes", [((B, T, 8), (B, S, 6), None), ((None, None, 8), (None, 4, 6), (None, 4, 3)), ((B, 3, T, 8), (B, 3, S, 6), None)])
 def test_compute_output_shape_matches_keras_unbuilt(kwargs, shapes):
-    from keras_oracle import keras
     from dist_mha import MultiHeadAttention
+    from keras_oracle import keras
 
     k = keras()
     expected = k.layers.MultiHeadAttention(**kwargs).compute_output_shape(*shapes)
@@ -146,8 +146,8 @@ def test_compute_output_shape_matches_keras_unbuilt(kwargs, shapes):
 
 
 def test_config_round_trips_through_keras():
-    from keras_oracle import keras
     from dist_mha import MultiHeadAttention
+    from keras_oracle import keras
 
     k = keras()
     kwargs = dict(

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.initializers import GlorotUniform
+from dist_mha.keras_objects.initializers import GlorotUniform
 
 N, H = 2, 4  # heads, key_dim
 B, T, S, D = 2, 5, 7, 8

@@ -1,14 +1,15 @@
-"""Tests for dist_mha.regularizers, with real Keras as the oracle."""
+"""Tests for dist_mha.keras_objects.regularizers, with real Keras as the oracle."""
 
 import json
 import math
 
 import pytest
 import torch
+
 keras = pytest.importorskip("keras", minversion="3.15", reason="needs keras>=3.15 (the dev extra) as the oracle")
 from keras.src.regularizers import ALL_OBJECTS_DICT as KERAS_TABLE  # noqa: E402
 
-from dist_mha import regularizers as ours
+from dist_mha.keras_objects import regularizers as ours
 
 CASES = [
     ("L1", {}), ("L1", {"l1": 0.1}), ("L1", {"l1": 1 / 3}), ("L1", {"l1": None}), ("L1", {"l1": 2}),

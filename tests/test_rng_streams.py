@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.rng_streams import RNGStream, checkpoint, collect_streams
+from dist_mha.core.rng_streams import RNGStream, checkpoint, collect_streams
 
 
 def _layer(mode="per_rank", seed=3):

@@ -15,7 +15,6 @@ import torch
 from train_helpers import final_weights, metrics, torchrun, train
 
 
-
 def test_single_process_run_writes_metrics_plot_checkpoints_and_logs(tmp_path):
     proc = train(tmp_path, "train.plot=true", "train.progress=true")
     rows = metrics(tmp_path)
@@ -29,8 +28,9 @@ def test_single_process_run_writes_metrics_plot_checkpoints_and_logs(tmp_path):
 
 
 def test_default_config_learns_recall_far_below_the_no_attention_floor(tmp_path):
-    from train_helpers import TRAIN, run
     import sys
+
+    from train_helpers import TRAIN, run
 
     run([sys.executable, TRAIN, f"hydra.run.dir={tmp_path}", "train.progress=false", "train.plot=false"], timeout=300)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -10,13 +10,20 @@ import time
 
 import torch
 
-from dist_mha.kernels import flash as _flash
+from dist_mha.core.kernels import flash as _flash
 
 from .config import BASELINE, CPU_HEAVY, DEFAULT_SHAPES, ITERS, SHAPES, VARIANTS
 from .impls import attention_flops, auto_backend, impl_names
 from .load import OthersLoad, others_busy, wait_quiet
 from .memory import cpu_memory, measure_mem_cuda
-from .report import _write_json, chart, evaluate_targets, machine_info, print_group, print_targets
+from .report import (
+    _write_json,
+    chart,
+    evaluate_targets,
+    machine_info,
+    print_group,
+    print_targets,
+)
 from .runners import build_runners, heaviness, math_too_big
 from .timing import time_group
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha import initializers
+from dist_mha.keras_objects import initializers
 from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import region, sharding
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from dist_mha.parallel.collectives import (
+    copy_to_tp,
+    gather_from_sp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+)
 
 SEQ_DIM = 1
 

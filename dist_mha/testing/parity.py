@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.layer import MultiHeadAttention
+from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel import sharding
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_mha.model import DecoderLM
+from dist_mha.models.decoder import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
 from dist_mha.parallel.grads import clip_grad_norm_
 from dist_mha.train import checkpointing

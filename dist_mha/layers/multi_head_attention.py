@@ -18,16 +18,21 @@ from contextlib import nullcontext as _nullcontext
 import torch
 from torch import nn
 
-from dist_mha import config as cfg
-from dist_mha import constraints, initializers, inputs, regularizers
-from dist_mha.keras_api import KerasLayerAPI
-from dist_mha.kernels import AttentionRequest, attention
-from dist_mha.layout import AttentionLayout, normalize_attention_axes
-from dist_mha.masks import build_mask_spec
+from dist_mha.core import inputs, projections
+from dist_mha.core.fused_projection import project
+from dist_mha.core.kernels import AttentionRequest, attention
+from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
+from dist_mha.core.masks import build_mask_spec
+from dist_mha.core.rng_streams import (
+    CallCounter,
+    RNGStream,
+    invariant_keep_mask,
+    stream_seed,
+)
+from dist_mha.keras_objects import constraints, initializers, regularizers
+from dist_mha.layers import config as cfg
+from dist_mha.layers.keras_api import KerasLayerAPI
 from dist_mha.parallel import region, sharding
-from dist_mha import projections
-from dist_mha.fused_projection import project
-from dist_mha.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 _DROPOUT_MODES = ("per_rank", "tp_invariant")
 
@@ -59,7 +64,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
             call; `True` requires the flash-attn package (ValueError otherwise,
             listing why each backend refused); `False` never uses flash-attn.
         kernel_initializer, bias_initializer: Keras initializer names, configs
-            or objects (see `dist_mha.initializers`).
+            or objects (see `dist_mha.keras_objects.initializers`).
         kernel_regularizer, bias_regularizer, activity_regularizer: Keras
             regularizers; penalties appear in `layer.losses`.
         kernel_constraint, bias_constraint: Keras constraints, applied by
@@ -276,7 +281,7 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
 
     def rng_streams(self) -> list:
-        """The layer's RNG streams (for `dist_mha.rng_streams.checkpoint`)."""
+        """The layer's RNG streams (for `dist_mha.core.rng_streams.checkpoint`)."""
         return [s for s in (self._dropout_stream, self.replicated_stream, self._invariant_calls) if s is not None]
 
     # -- call -------------------------------------------------------------------

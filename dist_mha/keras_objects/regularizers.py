@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from dist_mha import registry
+from dist_mha.keras_objects import registry
 
 
 def _validate(value, name):

@@ -18,10 +18,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.layer import MultiHeadAttention
+from dist_mha.core.rng_streams import RNGStream, stream_seed
+from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel import sharding
-from dist_mha.parallel.linear import ColumnParallelLinear, ParallelLayerNorm, RowParallelLinear
-from dist_mha.rng_streams import RNGStream, stream_seed
+from dist_mha.parallel.linear import (
+    ColumnParallelLinear,
+    ParallelLayerNorm,
+    RowParallelLinear,
+)
 
 
 class TransformerBlock(nn.Module):

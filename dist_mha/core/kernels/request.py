@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mha.masks import MaskSpec
+from dist_mha.core.masks import MaskSpec
 
 
 @dataclass

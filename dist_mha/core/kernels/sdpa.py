@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dist_mha.kernels.request import AttentionRequest, mask_with_live_rows, zero_rows
+from dist_mha.core.kernels.request import (
+    AttentionRequest,
+    mask_with_live_rows,
+    zero_rows,
+)
 
 NAME = "sdpa"
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

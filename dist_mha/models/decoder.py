@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha import initializers
-from dist_mha.block import TransformerBlock
+from dist_mha.keras_objects import initializers
+from dist_mha.models.block import TransformerBlock
 from dist_mha.parallel import sharding
 from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
 from dist_mha.parallel.linear import ParallelLayerNorm

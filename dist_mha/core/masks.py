@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mha.layout import AttentionLayout
+from dist_mha.core.layout import AttentionLayout
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Keras layer surface of `MultiHeadAttention` that is not the forward pass.
 
 Weights in Keras order and layout, configs, output shapes, regularisation
-losses and constraints. Mixed into `dist_mha.layer.MultiHeadAttention`.
+losses and constraints. Mixed into `dist_mha.layers.multi_head_attention.MultiHeadAttention`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_mha import config as cfg
-from dist_mha import constraints, initializers, regularizers
+from dist_mha.keras_objects import constraints, initializers, regularizers
+from dist_mha.layers import config as cfg
 from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import region, sharding
 

@@ -12,8 +12,8 @@ import logging
 
 import torch
 
-from dist_mha.kernels import flash, math, sdpa
-from dist_mha.kernels.request import AttentionRequest
+from dist_mha.core.kernels import flash, math, sdpa
+from dist_mha.core.kernels.request import AttentionRequest
 
 logger = logging.getLogger("dist_mha")
 

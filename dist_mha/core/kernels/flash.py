@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.kernels.request import AttentionRequest, zero_rows
+from dist_mha.core.kernels.request import AttentionRequest, zero_rows
 
 NAME = "flash"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha import registry
+from dist_mha.keras_objects import registry
 
 # keras.backend.epsilon() default; Keras adds it to the norm, not the square.
 _EPSILON = 1e-7

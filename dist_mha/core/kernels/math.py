@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dist_mha.kernels.request import AttentionRequest
+from dist_mha.core.kernels.request import AttentionRequest
 
 NAME = "math"
 

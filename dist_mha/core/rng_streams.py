@@ -26,7 +26,7 @@ import contextlib
 import torch
 import torch.utils.checkpoint
 
-from dist_mha.counter_rng import mix64, uniform
+from dist_mha.core.counter_rng import mix64, uniform
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:

@@ -1,7 +1,7 @@
 """Keras 3 weight initializers that can generate one shard of a weight.
 
 Names, defaults, configs and distributions follow `keras.initializers`, but
-sampling goes through `dist_mha.counter_rng`, so a tensor-parallel rank can
+sampling goes through `dist_mha.core.counter_rng`, so a tensor-parallel rank can
 draw only its block (`index=`) and get exactly what the full weight holds
 there, whatever the sharding. Values are identically distributed to Keras's,
 not bit-identical (different generator).
@@ -18,8 +18,9 @@ import math
 
 import torch
 
-from dist_mha import counter_rng, registry
-from dist_mha.counter_rng import mix64
+from dist_mha.core import counter_rng
+from dist_mha.core.counter_rng import mix64
+from dist_mha.keras_objects import registry
 
 # Keras's constant: stddev of a unit normal truncated to [-2, 2]; dividing by
 # it makes the truncated draw have the requested variance.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_mha.layer import MultiHeadAttention
+from dist_mha.layers.multi_head_attention import MultiHeadAttention
 
 
 def from_torch_mha(mha: nn.MultiheadAttention, **kwargs) -> MultiHeadAttention:

@@ -1,0 +1,1 @@
+"""The attention engine under every layer: inputs, projections, masks, kernels, RNG streams."""

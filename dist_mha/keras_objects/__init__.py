@@ -1,0 +1,1 @@
+"""Keras's initializers, regularizers and constraints, by name, config or object."""
