@@ -96,6 +96,7 @@ def run(req: AttentionRequest):
         return zero_rows(_dense(q, k, v, req, m.causal, window), keep), None
 
     B, T, N, H = q.shape
+    K = k.shape[2]  # key/value heads: flash-attn reads grouped K/V natively
     k_keep = m.k_keep_BS
     live_B = k_keep.any(dim=1)
     # A batch row with no key at all would give flash-attn a zero-length
@@ -107,8 +108,8 @@ def run(req: AttentionRequest):
     seqlens_k = k_keep.sum(dim=1, dtype=torch.int32)
     cu_k = torch.nn.functional.pad(seqlens_k.cumsum(0, dtype=torch.int32), (1, 0))
     idx = k_keep.flatten().nonzero().flatten()
-    k_nnz = k.reshape(-1, N, H).index_select(0, idx)
-    v_nnz = v.reshape(-1, N, v.shape[-1]).index_select(0, idx)
+    k_nnz = k.reshape(-1, K, H).index_select(0, idx)
+    v_nnz = v.reshape(-1, K, v.shape[-1]).index_select(0, idx)
     cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     out = _varlen(
         q.reshape(B * T, N, H), k_nnz, v_nnz, cu_q, cu_k, T, int(seqlens_k.max()), req, m.causal, window

@@ -1,10 +1,11 @@
 """Exact attention: explicit scores, masked softmax, dropout, weighted sum.
 
-Shape legend: B batch, T query positions, S key positions, N heads,
-H head size, Hv value head size.
+Shape legend: B batch, T query positions, S key positions, N query heads,
+K key/value heads, H head size, Hv value head size.
 
 The reference every other backend is tested against, and the only one that
-returns the attention probabilities. It materialises `(B, N, T, S)`.
+returns the attention probabilities. It materialises `(B, N, T, S)`, and for
+grouped-query attention repeats K/V to N heads (as Keras does).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def refusals(req: AttentionRequest) -> list[str]:
 def run(req: AttentionRequest):
     """Returns `(out_BTNH, probs_BNTS or None)`."""
     q_BNTH = req.q_BTNH.transpose(1, 2)
-    k_BNSH = req.k_BSNH.transpose(1, 2)
-    v_BNSH = req.v_BSNH.transpose(1, 2)
+    k_BKSH = req.k_BSNH.transpose(1, 2)
+    v_BKSH = req.v_BSNH.transpose(1, 2)
+    g = req.groups
+    k_BNSH = k_BKSH if g == 1 else k_BKSH.repeat_interleave(g, dim=1)
+    v_BNSH = v_BKSH if g == 1 else v_BKSH.repeat_interleave(g, dim=1)
     # Keras scales the query before the product; same order, same rounding.
     scores_BNTS = torch.matmul(q_BNTH * req.scale, k_BNSH.transpose(-1, -2))
     mask = req.masks.combined(req.T, req.S, scores_BNTS.device)

@@ -1,7 +1,9 @@
 """What every attention kernel receives, and the convention they share.
 
-Shape legend: B batch, T query positions, S key positions, N heads,
-H query/key head size, Hv value head size.
+Shape legend: B batch, T query positions, S key positions, N query heads,
+K key/value heads (grouped-query attention: `N % K == 0`, query head `i` reads
+key/value head `i // (N / K)`; multi-head attention is `K == N`), H query/key
+head size, Hv value head size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ class AttentionRequest:
 
     Attributes:
         q_BTNH: projected queries `(B, T, N, H)`.
-        k_BSNH: projected keys `(B, S, N, H)`.
-        v_BSNH: projected values `(B, S, N, Hv)`.
+        k_BSNH: projected keys `(B, S, K, H)`; K divides N (grouped-query
+            attention; the fast kernels never repeat K/V to N heads).
+        v_BSNH: projected values `(B, S, K, Hv)`.
         masks: the call's `MaskSpec`.
         scale: multiplier of `q @ k^T` (Keras: `1 / sqrt(key_dim)`).
         dropout_p: dropout rate on the attention probabilities (0 when not training).
@@ -45,6 +48,11 @@ class AttentionRequest:
     @property
     def S(self) -> int:
         return self.k_BSNH.shape[1]
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.q_BTNH.shape[2] // self.k_BSNH.shape[2]
 
 
 def mask_with_live_rows(mask_BNTS: torch.Tensor):

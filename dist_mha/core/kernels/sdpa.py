@@ -1,8 +1,12 @@
 """`torch.nn.functional.scaled_dot_product_attention` (torch picks cuDNN, flash,
 memory-efficient or math underneath).
 
-Shape legend: B batch, T query positions, S key positions, N heads,
-H head size, Hv value head size.
+Shape legend: B batch, T query positions, S key positions, N query heads,
+K key/value heads, H head size, Hv value head size.
+
+Grouped-query attention (K < N) passes `enable_gqa=True`: torch's flash,
+cuDNN and CPU kernels read each K/V head for its N/K query heads in place,
+with no repeated copy (on torch < 2.5, which lacks the flag, K/V are repeated).
 
 Causal-only attention goes through `is_causal` (no mask tensor). Query
 padding never enters the mask: those rows are zeroed afterwards, so a
@@ -32,6 +36,7 @@ from dist_mha.core.kernels.request import (
 )
 
 NAME = "sdpa"
+_HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _CUDA_ORDER_MASKED_S64 = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                           SDPBackend.MATH]
@@ -86,15 +91,23 @@ def run(req: AttentionRequest):
         mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
     if mask is not None and not _all_rows_live(masks):
         mask, keep = mask_with_live_rows(mask)
+    k_BKSH, v_BKSH = req.k_BSNH.transpose(1, 2), req.v_BSNH.transpose(1, 2)
+    gqa = {}
+    if req.groups > 1:
+        if _HAS_ENABLE_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k_BKSH, v_BKSH = (t.repeat_interleave(req.groups, dim=1) for t in (k_BKSH, v_BKSH))
     with _priority(req.q_BTNH.device, req.S, mask is not None):
         out_BNTH = F.scaled_dot_product_attention(
             req.q_BTNH.transpose(1, 2),
-            req.k_BSNH.transpose(1, 2),
-            req.v_BSNH.transpose(1, 2),
+            k_BKSH,
+            v_BKSH,
             attn_mask=mask,
             dropout_p=req.dropout_p,
             is_causal=is_causal,
             scale=req.scale,
+            **gqa,
         )
     if masks.q_keep_BT is not None:
         q_keep = masks.q_keep_BT[:, :, None, None]
