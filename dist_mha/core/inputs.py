@@ -87,6 +87,7 @@ def check_inputs(layer, query, value, key):
                 f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
                 f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
             )
-    if layer.query_dense.kernel.device != query.device:
-        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {layer.query_dense.kernel.device}; move one of them (layer.to(device)).")
+    kernel = layer._modules["query"].kernel
+    if kernel.device != query.device:
+        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
     return query, value, key
