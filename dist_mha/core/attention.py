@@ -240,12 +240,14 @@ class AttentionCore(nn.Module):
             output = region.leave(group, sp, out_proj(context, add_bias=False), out_proj.bias)
         else:
             output = out_proj(context)
-        self._record_activity(q, k, gate, v, output)
         if not return_attention_scores:
+            self._record_activity(q, k, gate, v, output)
             return output
         scores = layout.scores_from_BNTS(probs, q.shape, k.shape)
+        heads_dim = len(layout.batch_dims)
         if not local_scores:
-            scores = sharding.gather_full(scores, len(layout.batch_dims), group)
+            scores = sharding.gather_full(scores, heads_dim, group)
+        self._record_activity(q, k, gate, v, output, scores, heads_dim if local_scores else None)
         return output, scores
 
     def _dropout_for(self, req: AttentionRequest, h0: int, h1: int):

@@ -140,6 +140,8 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
     use_gate = property(lambda self: self._use_gate)
     sliding_window = property(lambda self: self._sliding_window)
 
+    _regularizes_own_outputs = True  # Keras's GQA sets its own activity_regularizer (see keras_api)
+
     def _check_build_rank(self, rank: int) -> None:
         if rank != 3:
             raise ValueError(

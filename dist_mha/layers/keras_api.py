@@ -238,22 +238,37 @@ class KerasLayerAPI:
         return optimizer.register_step_post_hook(lambda *_: self.apply_constraints())
 
     # -- activity regularisation --------------------------------------------------
-    def _record_activity(self, q, k, gate, v, output) -> None:
+    # Keras's GroupQueryAttention also sets its own `activity_regularizer`, so
+    # Keras's base layer regularises what the layer returns (the output, and
+    # the scores when returned) ahead of the sublayers' penalties.
+    _regularizes_own_outputs = False
+
+    def _record_activity(self, q, k, gate, v, output, scores=None, scores_head_dim=None) -> None:
+        """Keras's activity penalties of one call (see `losses`).
+
+        `scores_head_dim`: the heads dim of `scores` when they are this rank's
+        heads only (`local_scores=True` under TP), else None.
+        """
         reg = self._activity_regularizer
         if reg is None:
             if self._activity_losses:
                 self.__dict__["_activity_losses"] = []
             return
-        self.__dict__["_activity_losses"] = []
+        losses = []
         # Keras regularises each sublayer's output, divided by its batch size.
         # q/k/gate/v hold this rank's heads (k/v heads possibly replicated:
-        # counted once); the output is replicated, or
-        # sharded on dim 1 under sequence parallelism.
+        # counted once); the output is replicated, or sharded on dim 1 under
+        # sequence parallelism.
+        out_dim = region.SEQ_DIM if self.sequence_parallel else None
+        output_penalty = sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0]
+        if self._regularizes_own_outputs:
+            losses.append(output_penalty)
+            if scores is not None:
+                losses.append(sharding.penalty(reg, scores, scores_head_dim, self.tp_group) / scores.shape[0])
         head_dim = q.dim() - 2
         kv_replicas = self._modules["key"].replicas
         for y, replicas in ((q, 1), (k, kv_replicas), (gate, 1), (v, kv_replicas)):
             if y is not None:
-                penalty = sharding.penalty(reg, y, head_dim, self.tp_group, replicas)
-                self._activity_losses.append(penalty / y.shape[0])
-        out_dim = region.SEQ_DIM if self.sequence_parallel else None
-        self._activity_losses.append(sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0])
+                losses.append(sharding.penalty(reg, y, head_dim, self.tp_group, replicas) / y.shape[0])
+        losses.append(output_penalty)
+        self.__dict__["_activity_losses"] = losses
