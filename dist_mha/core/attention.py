@@ -7,7 +7,7 @@ H key_dim, Hv value_dim, Dq/Dk/Dv input features; lower case n/k are this
 tensor-parallel rank's heads.
 
 One call, top to bottom: check inputs -> build on first use -> [enter the TP
-region] -> project q/k/v (Keras-layout kernels) -> [KV cache] -> fold to
+region] -> project q/k/v (Keras-layout kernels) -> [append to the KV cache] -> fold to
 `*_BTNH` -> merge masks -> local kernel (flash-attn / SDPA / math) with
 dropout under the layer's RNG stream -> unfold -> [gate] -> output projection
 -> [leave the TP region]. Both Keras layers are thin constructors over this
@@ -26,6 +26,7 @@ from dist_mha.core import config as cfg
 from dist_mha.core import inputs, projections
 from dist_mha.core.fused_projection import project
 from dist_mha.core.kernels import AttentionRequest, attention
+from dist_mha.core.kv_cache import KVCache
 from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.core.masks import build_mask_spec
 from dist_mha.core.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
@@ -179,6 +180,27 @@ class AttentionCore(nn.Module):
         kb, vb = biases if biases else (None, None)
         return [None, (kk, kb), None, (vk, vb)]
 
+    def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None) -> KVCache:
+        """An empty `KVCache` for this layer's (this rank's) key/value heads.
+
+        Args:
+            batch_size: rows decoded together.
+            max_length: the most positions (prompt + generated) it will hold.
+            dtype, device: of the buffers; default the weights' (the compute
+                dtype when the layer runs in another precision).
+
+        Example:
+
+        >>> cache = layer.init_cache(batch_size=2, max_length=64)
+        >>> y = layer(prompt, prompt, use_causal_mask=True, cache=cache)   # prefill
+        >>> y = layer(tok, tok, use_causal_mask=True, cache=cache)         # one step
+        """
+        if not self.built:
+            raise ValueError(f"Layer '{self.name}' is not built; build it (query_shape=...) before init_cache().")
+        key, value = self._modules["key"], self._modules["value"]
+        return KVCache(batch_size, max_length, key.kernel.shape[1], self._key_dim, self._value_dim,
+                       dtype=dtype or key.kernel.dtype, device=device or key.kernel.device)
+
     # -- call -------------------------------------------------------------------
     def forward(
         self,
@@ -194,18 +216,30 @@ class AttentionCore(nn.Module):
         use_causal_mask=False,
         *,
         local_scores=False,
+        cache=None,
     ):
-        query, value, key = inputs.check_inputs(self, query, value, key)
-        return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
-        use_causal_mask = cfg.boolean("use_causal_mask", use_causal_mask)
-        if training is not None:
-            training = cfg.boolean("training", training)
+        agree = self.tp_size > 1 and self.check_ranks
+        try:
+            query, value, key = inputs.check_inputs(self, query, value, key)
+            return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
+            use_causal_mask = cfg.boolean("use_causal_mask", use_causal_mask)
+            if training is not None:
+                training = cfg.boolean("training", training)
+            if cache is not None:
+                inputs.check_cache_call(self, cache, query, value, use_causal_mask)
+            local_error = None
+        except ValueError as err:
+            if not agree:
+                raise
+            local_error = err  # every rank of the group must hear of it before any collective
         training = self.training if training is None else training
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
-        if self.tp_size > 1:
+        if agree:
             inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
-                                 return_attention_scores, use_causal_mask, dropout_p > 0)
+                                 return_attention_scores, use_causal_mask, dropout_p > 0,
+                                 -1 if cache is None else cache.length, local_error)
+        if self.tp_size > 1:
             query, value, key = region.enter(group, sp, query, value, key)
 
         projs = self._projections()
@@ -213,13 +247,16 @@ class AttentionCore(nn.Module):
         layout = AttentionLayout(query.dim(), self._attention_axes)
         batch = [q.shape[d] for d in layout.batch_dims]
         t_dims = [q.shape[d] for d in layout.attention_axes]
-        s_dims = [k.shape[d] for d in layout.attention_axes]
+        s_dims = [k.shape[d] + (0 if cache is None else cache.length) for d in layout.attention_axes]
         masks = build_mask_spec(
             layout, query.shape, value.shape, (*batch, self._num_heads, *t_dims, *s_dims),
             query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask, use_causal_mask=use_causal_mask,
             sliding_window=self._sliding_window, device=query.device,
         )
+        if cache is not None:
+            # Keys and values of every position so far; query i sits at position L + i.
+            k, v, masks.k_keep_BS, masks.q_offset = cache.append(k, v, masks.k_keep_BS)
         h0, h1 = sharding.head_range(self._num_heads, group)
         if masks.dense_BNTS is not None and masks.dense_BNTS.shape[1] == self._num_heads != h1 - h0:
             masks.dense_BNTS = masks.dense_BNTS[:, h0:h1]  # a per-head mask: keep this rank's heads

@@ -184,23 +184,25 @@ def cpu_group(group):
     return _CPU_GROUPS[ranks]
 
 
-def check_ranks_agree(group, values: list[int], names: list[str]) -> None:
+def check_ranks_agree(group, values: list[int], names: list[str], shown: list[str] | None = None) -> None:
     """Raises on every rank when the ranks of `group` disagree on `values`.
 
     One all-reduce of `2 * len(values)` int64 (max of v and of -v); every
     rank sees the same result, so all raise together instead of hanging in a
-    mismatched collective.
+    mismatched collective. `shown`: this rank's values as text for the
+    message (dtype names, mask shapes), parallel to `values`.
     """
     v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
     both = torch.cat([v, -v])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     hi, lo = both[: len(values)], -both[len(values) :]
     hi, lo = hi.tolist(), lo.tolist()
-    bad = [names[i] for i in range(len(values)) if hi[i] != lo[i]]
+    bad = [i for i in range(len(values)) if hi[i] != lo[i]]
     if bad:
+        shown = shown or [str(x) for x in values]
         raise ValueError(
-            f"Tensor-parallel ranks disagree on {', '.join(bad)} (this rank: "
-            f"{', '.join(f'{names[i]}={values[i]}' for i in range(len(values)) if names[i] in bad)}). "
-            "Every rank of a TP group must call the layer with inputs of the same shapes and the "
-            "same call arguments (replicated inputs; sequence shards of equal size)."
+            f"Tensor-parallel ranks disagree on {', '.join(names[i] for i in bad)} (this rank, "
+            f"{tp_rank_of(group)}: {', '.join(f'{names[i]}={shown[i]}' for i in bad)}). "
+            "Every rank of a TP group must call the layer with inputs of the same shapes and dtypes and the "
+            "same call arguments (replicated inputs; sequence shards of equal size); masks too."
         )
