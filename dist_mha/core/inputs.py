@@ -65,14 +65,15 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     the output all-reduce. `local_error`: the ValueError this rank's own input
     checks raised; it is re-raised here, after the other ranks learned of it.
     """
-    if not layer.check_ranks:
+    if not layer.check_ranks or not layer._check_groups:
         return
     if local_error is not None:
-        try:
-            sharding.check_ranks_agree(layer._check_group, [1] + [0] * (_CHECK_VALUES - 1),
-                                       ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
-        except ValueError:
-            pass  # some ranks passed their checks; they raise their own message
+        for group in layer._check_groups:
+            try:
+                sharding.check_ranks_agree(group, [1] + [0] * (_CHECK_VALUES - 1),
+                                           ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
+            except ValueError:
+                pass  # some ranks passed their checks; they raise their own message
         raise local_error
     values, names, shown = [0], ["inputs rejected"], ["no"]
     for name, x in (("query", query), ("value", value), ("key", key)):
@@ -91,16 +92,20 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     names += ["return_attention_scores", "use_causal_mask", "dropout active", "cache.length"]
     shown += [str(bool(return_scores)), str(bool(causal)), str(bool(dropout)), str(cache_length)]
     assert len(values) == _CHECK_VALUES
-    try:
-        sharding.check_ranks_agree(layer._check_group, values, names, shown)
-    except ValueError as err:
-        if "inputs rejected" in str(err).split("(")[0]:
+    first = None
+    for group in layer._check_groups:  # TP, then CP: every rank takes part in both before raising
+        try:
+            sharding.check_ranks_agree(group, values, names, shown)
+        except ValueError as err:
+            first = first or err
+    if first is not None:
+        if "inputs rejected" in str(first).split("(")[0]:
             raise ValueError(
-                "Another rank of the tensor-parallel group rejected its inputs to this layer (its ValueError says "
-                "why); this rank's inputs passed the checks. Every rank must call the layer with the same "
-                "shapes and arguments."
+                "Another rank of the tensor- or context-parallel group rejected its inputs to this layer (its "
+                "ValueError says why); this rank's inputs passed the checks. Every rank must call the layer with "
+                "the same shapes and arguments."
             ) from None
-        raise
+        raise first
 
 
 def check_inputs(layer, query, value, key):
