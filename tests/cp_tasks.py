@@ -152,3 +152,64 @@ def cp_errors(ctx, what):
     except ValueError as err:
         return str(err)
     return None
+
+
+def cp_counted_bytes(ctx, tp, cp, mode, kv_heads):
+    """Payload bytes of every collective and send in one float32 call (T=16, S=12 global; cross-attention)."""
+    import torch.distributed as dist
+
+    from dist_mha import GroupQueryAttention
+    from dist_mha.parallel import shard_sequence
+    from tp_tasks import count_collectives
+
+    tp_group, cp_group = ctx.grid(tp, cp)
+    torch.manual_seed(0)
+    layer = GroupQueryAttention(3, 4, kv_heads, query_shape=E, tp_group=tp_group, cp_group=cp_group, cp_mode=mode,
+                                check_ranks=False)
+    q = shard_sequence(torch.randn(B, 16, E), cp_group).requires_grad_()
+    v = shard_sequence(torch.randn(B, 24, E), cp_group).requires_grad_()
+    sent = {"forward": [], "backward": []}
+    real = dist.batch_isend_irecv
+    phase = ["forward"]
+
+    def spy(ops):
+        sent[phase[0]].extend(("p2p", op.tensor.numel() * op.tensor.element_size()) for op in ops if op.op is dist.isend)
+        return real(ops)
+
+    names = {"all_to_all_single": "all_to_all", "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
+    dist.batch_isend_irecv = spy
+    try:
+        with count_collectives() as fwd:
+            out = layer(q, v)
+        phase[0] = "backward"
+        with count_collectives() as bwd:
+            out.sum().backward()
+    finally:
+        dist.batch_isend_irecv = real
+    for name, calls in (("forward", fwd), ("backward", bwd)):
+        sent[name] += [(names.get(n, n), k * 4) for n, k in calls if n != "all_reduce"]  # TP's all-reduces: tp_payloads
+    return sent
+
+
+def decoder_under_cp(ctx, tp, cp, mode, nkv):
+    """DecoderLM at TP x CP: this rank's logits and loss gradient vs the one-device model's (float64)."""
+    from dist_mha.models.decoder import DecoderLM
+    from dist_mha.parallel import shard_sequence
+
+    tp_group, cp_group = ctx.grid(tp, cp)
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for groups in ((None, None), (tp_group, cp_group)):
+        torch.manual_seed(0)
+        model = DecoderLM(40, 32, 32, 4, 2, num_kv_heads=nkv, tp_group=groups[0], cp_group=groups[1], cp_mode=mode,
+                          dtype=torch.float64)
+        toks = tokens if groups[1] is None else shard_sequence(tokens, cp_group)
+        logits = model(toks)
+        logits.square().sum().backward()
+        grad = model.tok.weight.grad.clone()
+        if groups[1] is not None:
+            torch.distributed.all_reduce(grad, group=cp_group)
+        outs.append((logits.detach(), grad))
+    (ref, ref_grad), (got, grad) = outs
+    return float((got - shard_sequence(ref, cp_group)).abs().max()), float((grad - ref_grad).abs().max())

@@ -93,3 +93,38 @@ def test_per_rank_dropout_under_cp_is_reproducible(rank_pool, mode):
 def test_cp_errors_are_clear_and_raised_on_every_rank(rank_pool, what, text):
     for msg in rank_pool.run(cp_tasks.cp_errors, what, timeout=60):
         assert msg is not None and text in msg, msg
+
+
+@pytest.mark.parametrize("mode,kv_heads", [("ring", 4), ("ring", 1), ("ulysses", 4), ("ulysses", 1)])
+def test_cost_model_cp_payloads_match_bytes_counted_on_real_runs(rank_pool, mode, kv_heads):
+    from dist_mha.parallel.cost_model import CallShape, cp_payloads
+
+    shape = CallShape(B=cp_tasks.B, T=16, S=24, Dq=cp_tasks.E, Dv=cp_tasks.E, Dk=cp_tasks.E, O=cp_tasks.E, N=4, H=3,
+                      Hv=3, bytes_per_element=4, cross=True)
+    for tp, cp in ((1, 2), (1, 4), (2, 2)):
+        if mode == "ulysses" and (4 // tp) % cp:
+            continue
+        predicted = cp_payloads(shape, cp, mode, tp, kv_heads)
+        for counted in rank_pool.run(cp_tasks.cp_counted_bytes, tp, cp, mode, kv_heads):
+            for phase in ("forward", "backward"):
+                assert sorted(counted[phase]) == sorted(predicted[phase]), (tp, cp, phase)
+
+
+def test_public_parity_harness_checks_a_tp_x_cp_layout(rank_pool):
+    from dist_mha import GroupQueryAttention
+    from dist_mha.testing import check_tp_parity
+
+    report = check_tp_parity(dict(head_dim=4, num_query_heads=4, num_key_value_heads=2, sliding_window=6),
+                             (2, 16, 16), call_kwargs=dict(use_causal_mask=True), tp=2, cp=2, cp_mode="ring",
+                             pool=rank_pool, layer_cls=GroupQueryAttention)
+    assert max(report["max_abs_error"].values()) < 1e-12 and report["backend"] == "ring"
+
+
+@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+@pytest.mark.parametrize("nkv", [None, 1])
+def test_decoder_lm_under_tp_x_cp_matches_one_device(rank_pool, mode, nkv):
+    for tp, cp in ((1, 2), (2, 2), (1, 4)):
+        if mode == "ulysses" and (4 // tp) % cp:
+            continue
+        for logit_err, grad_err in rank_pool.run(cp_tasks.decoder_under_cp, tp, cp, mode, nkv):
+            assert logit_err < 1e-10 and grad_err < 1e-10

@@ -136,14 +136,22 @@ def _scale(kind, ref_out, ref) -> float:
     return max(p.grad.abs().max().item() for p in ref.weights)
 
 
-def _pool_task(ctx, tp, *args, **kwargs):
-    return compare_with_reference(ctx.group(tp), *args, **kwargs)
+def _pool_task(ctx, tp, cp, *args, **kwargs):
+    if cp == 1:
+        return compare_with_reference(ctx.group(tp), *args, **kwargs)
+    tp_group, cp_group = ctx.grid(tp, cp)
+    return compare_with_reference(tp_group, *args, cp_group=cp_group, **kwargs)
 
 
 def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None, call_kwargs=None, *, tp=2,
                     dtype=torch.float64, sequence_parallel=False, seed=0, pool=None, device="cpu",
-                    layer_cls=None) -> dict:
-    """Spawns `tp` gloo ranks (or uses `pool`) and runs `compare_with_reference` on them.
+                    layer_cls=None, cp=1, cp_mode="ring") -> dict:
+    """Spawns `tp * cp` gloo ranks (or uses `pool`) and runs `compare_with_reference` on them.
+
+    With `cp > 1` the layer runs TP x CP (TP ranks contiguous) in `cp_mode`,
+    on `shard_sequence` parts of the inputs (global lengths divisible by 2 * cp).
+    Call it from a script's `if __name__ == "__main__":` block: the ranks are
+    spawned processes that import the main module.
 
     Returns:
         Rank 0's report; raises AssertionError (inside a `RankError`) on a mismatch.
@@ -151,11 +159,12 @@ def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None,
     from dist_mha.testing.pool import RankPool
 
     own = pool is None
-    pool = pool or RankPool(world_size=tp, tp_sizes=(tp,), device=device)
+    grids = ((tp, cp),) if cp > 1 else ()
+    pool = pool or RankPool(world_size=tp * cp, tp_sizes=(tp,), device=device, grids=grids)
     try:
-        return pool.run(_pool_task, tp, layer_kwargs, query_shape, value_shape, key_shape, call_kwargs,
+        return pool.run(_pool_task, tp, cp, layer_kwargs, query_shape, value_shape, key_shape, call_kwargs,
                         dtype=dtype, sequence_parallel=sequence_parallel, seed=seed, device=device,
-                        layer_cls=layer_cls)[0]
+                        layer_cls=layer_cls, **({"cp_mode": cp_mode} if cp > 1 else {}))[0]
     finally:
         if own:
             pool.close()
