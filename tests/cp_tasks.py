@@ -40,6 +40,9 @@ def cp_cases():
          dict(value_mask=_keep(B, T, seed=5)), True),
         ("dropout_invariant", {**base, "dropout": 0.3, "seed": 5, "dropout_mode": "tp_invariant"}, (B, T, E), None,
          None, dict(use_causal_mask=True, training=True), False),
+        ("segments_window", {**base, "sliding_window": 4}, (B, T, E), None, None,
+         dict(use_causal_mask=True, segment_ids=torch.tensor([[0] * 5 + [1] * 6 + [2] * 3 + [-1] * 2,
+                                                             [7] * 9 + [8] * 7])), False),
     ]
 
 

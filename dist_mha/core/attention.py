@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dist_mha.core import config as cfg
-from dist_mha.core import context_attention, inputs, projections
+from dist_mha.core import context_attention, inputs, projections, segments
 from dist_mha.core.fused_projection import project
 from dist_mha.core.kernels import AttentionRequest, attention
 from dist_mha.core.kv_cache import KVCache
@@ -225,6 +225,7 @@ class AttentionCore(nn.Module):
         *,
         local_scores=False,
         cache=None,
+        segment_ids=None,
     ):
         agree = bool(self._check_groups) and self.check_ranks
         try:
@@ -246,7 +247,7 @@ class AttentionCore(nn.Module):
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
         if agree:
-            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
+            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask, segment_ids],
                                  return_attention_scores, use_causal_mask, dropout_p > 0,
                                  -1 if cache is None else cache.length, local_error)
         if self.tp_size > 1:
@@ -268,6 +269,11 @@ class AttentionCore(nn.Module):
             attention_mask=attention_mask, use_causal_mask=use_causal_mask,
             sliding_window=self._sliding_window, device=query.device,
         )
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("`segment_ids` and `cache` cannot be combined: decode one document per cache row.")
+            masks.q_seg_BT, masks.k_seg_BS = segments.parse_segment_ids(
+                segment_ids, q_shape, v_shape, value is query, query.device)
         if cache is not None:
             # Keys and values of every position so far; query i sits at position L + i.
             k, v, masks.k_keep_BS, masks.q_offset = cache.append(k, v, masks.k_keep_BS)

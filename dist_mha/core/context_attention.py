@@ -59,7 +59,7 @@ def _ring(layer, req, h0, h1, T, S):
             return invariant_keep_mask(seed, call, (B, N, T, S), index, rate, q.device)
 
     plan = ring.RingPlan(layer.cp_group, T, S, req.scale, impl, m.k_keep_BS, m.dense_BNTS, m.causal, m.window,
-                         keep_fn, rate)
+                         m.q_seg_BT, m.k_seg_BS, keep_fn, rate)
     out = ring.ring_attention(q, k, v, plan)
     layer.__dict__["last_ring_blocks"] = (plan.blocks, plan.skipped)  # computed, skipped (causal/window)
     if m.q_keep_BT is not None:
@@ -80,7 +80,7 @@ def _ulysses(layer, req, h0, h1, T, S):
     dense = m.dense_BNTS
     if dense is not None and dense.shape[1] == n != c1 - c0:
         dense = dense[:, c0:c1]  # a per-head mask: this rank's heads
-    masks = MaskSpec(m.q_keep_BT, m.k_keep_BS, dense, m.causal, m.window)
+    masks = MaskSpec(m.q_keep_BT, m.k_keep_BS, dense, m.causal, m.window, 0, m.q_seg_BT, m.k_seg_BS)
     local = AttentionRequest(q_full, k_full, v_full, masks, req.scale, req.dropout_p, False)
     if req.dropout_p > 0 and layer.dropout_mode == "tp_invariant":
         local.dropout_keep = _heads_keep(layer, req, h0 + c0, h0 + c1, T, S)

@@ -38,7 +38,7 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
 
 
 _MASK_DTYPES = ("bool", "int", "float", "other")
-_CHECK_VALUES = 1 + 3 * 10 + 4 * 3 + 4  # the flag, query/value/key, four masks, call flags
+_CHECK_VALUES = 1 + 3 * 10 + 5 * 3 + 4  # the flag, query/value/key, four masks and segment ids, call flags
 
 
 def _mask_signature(m) -> tuple[int, int, int, str]:
@@ -49,6 +49,9 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
     """
     if m is None:
         return -1, 0, -1, "None"
+    if isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(x, torch.Tensor) for x in m):
+        shape = (tuple(m[0].shape), tuple(m[1].shape))  # segment ids of query and keys
+        return 2, hash(shape) & ((1 << 62) - 1), 1, str(shape)
     shape = tuple(np.shape(m)) if isinstance(m, (torch.Tensor, np.ndarray, list, tuple)) else ("not an array",)
     dtype = getattr(m, "dtype", None)
     kind = 0 if dtype in (torch.bool, np.bool_) else 1 if "int" in str(dtype) else 2 if "float" in str(dtype) else 3
@@ -83,7 +86,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         values += [x.dim(), *dims, FLOAT_DTYPES.index(x.dtype)]
         names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
         shown += [str(x.dim()), *[str(d) for d in dims], str(x.dtype).replace("torch.", "")]
-    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask"), masks):
+    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids"), masks):
         ndim, shape_hash, kind, text = _mask_signature(m)
         values += [ndim, shape_hash, kind]
         names += [f"{name}.ndim", f"{name}.shape", f"{name}.dtype"]

@@ -58,6 +58,8 @@ class TransformerBlock(nn.Module):
         padding_mask: optional bool `(B, T)`, True for real tokens (always full length).
         cache: optional `KVCache` of the attention layer (`block.attention.init_cache`)
             for incremental decoding.
+        segment_ids: optional int `(B, T)` document ids of packed sequences
+            (global under sequence/context parallelism; negative: padding).
 
     Returns:
         A tensor shaped like `x`.
@@ -122,9 +124,11 @@ class TransformerBlock(nn.Module):
         with self.residual_stream.fork(x.device):
             return F.dropout(x, self.dropout, training=True)
 
-    def forward(self, x, padding_mask=None, cache=None):
+    def forward(self, x, padding_mask=None, cache=None, segment_ids=None):
         h = self.norm1(x)
         extra = {} if cache is None else {"cache": cache}
+        if segment_ids is not None:
+            extra["segment_ids"] = segment_ids
         x = x + self._drop(self.attention(h, h, value_mask=padding_mask, use_causal_mask=self.causal, **extra))
         h = self.norm2(x)
         return x + self._drop(self.fc2(F.gelu(self.fc1(h))))

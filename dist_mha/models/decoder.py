@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mha.core.segments import document_positions
 from dist_mha.keras_objects import initializers
 from dist_mha.models.block import TransformerBlock
 from dist_mha.parallel import sharding
@@ -44,6 +45,9 @@ class DecoderLM(nn.Module):
         cache: optional `DecoderCache` from `init_cache`: the tokens continue
             the cached sequence (positions start at `cache.length`), and their
             keys and values are appended to it.
+        segment_ids: optional int `(B, T)` document ids of packed rows (full
+            length, global under CP): attention stays within a document and
+            position ids restart at each document's first token.
 
     Returns:
         Logits `(B, T, V)`.
@@ -82,7 +86,7 @@ class DecoderLM(nn.Module):
 
         return DecoderCache(self, batch_size, self.max_len if max_length is None else max_length)
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens, cache=None, segment_ids=None):
         T = tokens.shape[1]
         start = 0 if cache is None else cache.length
         if start + T * cp_size_of(self.cp_group) > self.max_len:
@@ -96,6 +100,10 @@ class DecoderLM(nn.Module):
             pos = positions(T * cp_size_of(self.cp_group), self.cp_group, tokens.device)  # this rank's global positions
         else:
             pos = torch.arange(start, start + T, device=tokens.device)
+        if segment_ids is not None:
+            # Each document starts at position 0, as it would alone.
+            within = document_positions(torch.as_tensor(segment_ids, device=tokens.device))
+            pos = within.gather(1, pos.expand(within.shape[0], -1))
         x = self.tok(tokens) + self.pos(pos)
         if self.sequence_parallel:
             if cache is not None:
@@ -103,7 +111,7 @@ class DecoderLM(nn.Module):
                                  "sequence_parallel=False for generation (the weights are the same).")
             x = scatter_to_tp(self.tp_group, x, 1)  # (B, T/tp, E)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache.layers[i])
+            x = block(x, cache=None if cache is None else cache.layers[i], segment_ids=segment_ids)
         x = self.norm(x)
         if self.sequence_parallel:
             x = gather_from_tp(self.tp_group, x, 1)  # (B, T, E)

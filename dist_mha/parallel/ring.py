@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from dist_mha.core.kernels import blockwise
 from dist_mha.core.masks import positional_mask
+from dist_mha.core.segments import segment_mask
 from dist_mha.parallel.context import chunk_ranges
 
 
@@ -46,6 +47,8 @@ class RingPlan:
     dense_BNTS: torch.Tensor | None = None  # global mask (this rank's heads or broadcast)
     causal: bool = False
     window: int | None = None
+    q_seg_BT: torch.Tensor | None = None  # global document ids (packed sequences)
+    k_seg_BS: torch.Tensor | None = None
     keep_fn: object = None  # dropout: fn(a0, a1, c0, c1) -> keep mask (B, n, t, s)
     rate: float = 0.0
     blocks: int = 0  # blocks this rank computed in the forward (skipped ones excluded)
@@ -78,6 +81,8 @@ class RingPlan:
             parts.append(self.k_keep_BS[:, c0:c1][:, None, None, :])
         if self.dense_BNTS is not None:
             parts.append(self.dense_BNTS[..., a0:a1, c0:c1])
+        if self.q_seg_BT is not None:
+            parts.append(segment_mask(self.q_seg_BT[:, a0:a1], self.k_seg_BS[:, c0:c1]))
         mask = None
         for part in parts:
             mask = part if mask is None else mask & part
