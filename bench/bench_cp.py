@@ -5,17 +5,20 @@
 One `MultiHeadAttention` (E=256, 8 heads of 32, causal self-attention, B=1,
 float32) forward+backward on the whole sequence (CP=1) and on each rank's
 part under CP=2 and CP=4 (gloo ranks on this machine, `RankPool`), for the
-ring and Ulysses modes. Per rank: the peak extra resident memory of the call
-(VmHWM after clearing it, minus VmRSS before; the call is warmed up first)
-and its time (median of `--repeats`). Memory is the point here: attention
-activations per rank should fall as 1/cp. Time on a 2-core machine with 2
-or 4 rank processes sharing the cores says little about speed-up; the JSON
-records it anyway.
+ring and Ulysses modes. Per rank: the peak of heap bytes in use during the
+call above what was in use before it (glibc's `mallinfo2`, in-use arena plus
+mmap'd blocks, read after every aten op by a dispatch mode: the CPU analogue
+of CUDA's `max_memory_allocated`; resident-set sizes hide freed blocks the
+allocator keeps), and its time (median of `--repeats`, measured without the
+probe). Memory is the point here: attention activations per rank should
+fall as 1/cp. Time on a 2-core machine with 2 or 4 rank processes sharing
+the cores says little about speed-up; the JSON records it anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -29,18 +32,34 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 E, HEADS = 256, 8
 
 
-def _status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class HeapPeak(TorchDispatchMode):
+    """Records the largest heap-in-use seen after any aten op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = _heap_in_use()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use())
+        return out
 
 
 def measure(ctx, T, cp, mode, repeats):
@@ -66,11 +85,10 @@ def measure(ctx, T, cp, mode, repeats):
 
     call()  # warm-up: allocator, thread pools
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status()["VmRSS"]
-    call()
-    peak = _status()["VmHWM"] - before
+    before = _heap_in_use()
+    with HeapPeak() as probe:
+        call()
+    peak = probe.peak - before
     times = []
     for _ in range(repeats):
         if group is not None:
@@ -125,7 +143,7 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print("| T | CP | mode | peak extra MiB / rank | x CP=1 | x CP=1 times cp | s (fwd+bwd) |")
+    print("| T | CP | mode | peak heap MiB / rank | x CP=1 | x CP=1 times cp | s (fwd+bwd) |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
         print(f"| {r['T']} | {r['cp']} | {r['mode']} | {r['peak_extra_bytes_per_rank'] / 2**20:.1f} | "
