@@ -66,16 +66,21 @@ class RingPlan:
         return chunk_ranges(self.S, self.p, src)
 
     def block(self, a, c, device):
-        """`(skip, mask or None, keep or None)` for query range `a` against key range `c`."""
+        """`(skip, mask or None, keep or None, is_causal)` for query range `a` against key range `c`.
+
+        A diagonal block (same positions, causal, no window) is `is_causal`
+        with no positional mask, so no (t, s) tensor is built for it.
+        """
         (a0, a1), (c0, c1) = a, c
         if self.causal and a1 - 1 < c0:
-            return True, None, None  # every key after every query
+            return True, None, None, False  # every key after every query
         if self.window is not None and max(0, c0 - (a1 - 1), a0 - (c1 - 1)) >= self.window:
-            return True, None, None  # every key out of the window
+            return True, None, None, False  # every key out of the window
         parts = []
         positional_full = (not self.causal or a0 >= c1 - 1) and (
             self.window is None or max(abs(a0 - (c1 - 1)), abs(a1 - 1 - c0)) < self.window)
-        if not positional_full:
+        is_causal = not positional_full and self.causal and self.window is None and (a0, a1) == (c0, c1)
+        if not positional_full and not is_causal:
             parts.append(positional_mask(a1 - a0, c1 - c0, self.causal, self.window, device, a0 - c0)[None, None])
         if self.k_keep_BS is not None:
             parts.append(self.k_keep_BS[:, c0:c1][:, None, None, :])
@@ -87,7 +92,7 @@ class RingPlan:
         for part in parts:
             mask = part if mask is None else mask & part
         keep = self.keep_fn(a0, a1, c0, c1) if self.keep_fn is not None else None
-        return False, mask, keep
+        return False, mask, keep, is_causal
 
 
 def _exchange(send: torch.Tensor, plan: RingPlan):
@@ -125,13 +130,13 @@ class _RingAttention(torch.autograd.Function):
             k_src, v_src = _unpack(kv, k_shape, v_shape)
             for qi, a in enumerate(plan.q_ranges()):
                 for ki, (c, k_blk, v_blk) in enumerate(zip(plan.k_ranges(src), _chunks(k_src, 2), _chunks(v_src, 2))):
-                    skip, mask, keep = plan.block(a, c, q.device)
+                    skip, mask, keep, is_causal = plan.block(a, c, q.device)
                     plan.skipped += skip
                     if skip:
                         continue
                     plan.blocks += 1
                     out_b, lse_b = blockwise.forward(plan.impl, q_parts[qi], k_blk, v_blk, mask, plan.scale, keep,
-                                                     plan.rate)
+                                                     plan.rate, is_causal)
                     outs[qi], lses[qi] = blockwise.merge(outs[qi], lses[qi], out_b, lse_b)
             if pending is not None:
                 recv, reqs = pending
@@ -177,13 +182,13 @@ class _RingAttention(torch.autograd.Function):
             dk_src, dv_src = _unpack(dkv, k_shape, v_shape)
             for qi, a in enumerate(plan.q_ranges()):
                 for ki, c in enumerate(plan.k_ranges(src)):
-                    skip, mask, keep = plan.block(a, c, q.device)
+                    skip, mask, keep, is_causal = plan.block(a, c, q.device)
                     if skip:
                         continue
                     k_blk, v_blk = _chunks(k_src, 2)[ki], _chunks(v_src, 2)[ki]
                     dq_b, dk_b, dv_b = blockwise.backward(
                         plan.impl, dO_parts[qi], q_parts[qi], k_blk, v_blk, O_parts[qi], L_parts[qi], D_parts[qi],
-                        mask, plan.scale, keep, plan.rate)
+                        mask, plan.scale, keep, plan.rate, is_causal)
                     dq_parts[qi].add_(dq_b)
                     _chunks(dk_src, 2)[ki].add_(dk_b)
                     _chunks(dv_src, 2)[ki].add_(dv_b)

@@ -59,36 +59,51 @@ def _fold(dx_BNSH, k):
     return dx_BNSH if n == k else dx_BNSH.view(B, k, n // k, s, h).sum(dim=2)
 
 
-def _live(mask, shape_BNT):
-    """Rows with at least one visible key (True everywhere without a mask)."""
+def _live(mask, shape_BNT, is_causal=False):
+    """Rows with at least one visible key (None: every row)."""
     if mask is None:
         return None
-    return mask.any(dim=-1).expand(shape_BNT)
+    if not is_causal:
+        return mask.any(dim=-1).expand(shape_BNT)
+    if mask.shape[-2] == 1:
+        # Key padding under a diagonal causal block: row i sees keys 0..i.
+        return mask.cummax(dim=-1).values.squeeze(-2).expand(shape_BNT)
+    return (mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()).any(dim=-1).expand(shape_BNT)
 
 
 def _bias(mask, dtype):
     return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, _NEG_INF)
 
 
-def forward(impl, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0):
+def _with_causal(mask, is_causal, q_BNTH, k_BKSH):
+    """The math blocks build the diagonal block's causal mask the kernels take as a flag."""
+    if not is_causal:
+        return mask
+    t, s = q_BNTH.shape[2], k_BKSH.shape[2]
+    causal = torch.ones(t, s, dtype=torch.bool, device=q_BNTH.device).tril()
+    return causal if mask is None else mask & causal
+
+
+def forward(impl, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False):
     """One block: `(out_BNTH normalised over this block, lse_BNT)`.
 
     Args:
         impl: "sdpa" or "math" (see `choose`).
         mask: bool, broadcastable to `(B, n, t, s)`, True to attend; None: every key.
         keep: dropout keep-mask `(B, n, t, s)` (math only), applied with `1 / (1 - rate)`.
+        is_causal: top-left causal on top of `mask` (a diagonal block; no positional mask is built).
     """
     shape_BNT = q_BNTH.shape[:3]
     if impl == "sdpa":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_BNTH, k_BKSH, v_BKSH, attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
-        live = _live(mask, shape_BNT)
+            q_BNTH, k_BKSH, v_BKSH, is_causal=is_causal, attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
+        live = _live(mask, shape_BNT, is_causal)
         if live is not None:
             # The kernel reports lse = 0 for a row with no visible key; merging needs -inf.
             lse = lse.masked_fill(~live, _NEG_INF)
         return out, lse.to(lse_dtype(q_BNTH.dtype))
     n = q_BNTH.shape[1]
-    s_BNTS = _scores(q_BNTH, k_BKSH, mask, scale)
+    s_BNTS = _scores(q_BNTH, k_BKSH, _with_causal(mask, is_causal, q_BNTH, k_BKSH), scale)
     lse = torch.logsumexp(s_BNTS, dim=-1)
     p = torch.exp(s_BNTS - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     if keep is not None:
@@ -104,7 +119,8 @@ def _scores(q_BNTH, k_BKSH, mask, scale):
     return s if mask is None else s.masked_fill(~mask, _NEG_INF)
 
 
-def backward(impl, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None, rate=0.0):
+def backward(impl, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None, rate=0.0,
+             is_causal=False):
     """Gradients of one block `(dq_BNTH, dk_BKSH, dv_BKSH)` from the final `O`, `L` and `D = rowsum(dO * O)`.
 
     Rows with `L = -inf` (nothing visible anywhere) must come with `dO = 0`
@@ -112,11 +128,12 @@ def backward(impl, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, 
     """
     if impl == "sdpa":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.to(lse_dtype(q_BNTH.dtype)), 0.0, False,
+            dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.to(lse_dtype(q_BNTH.dtype)), 0.0, is_causal,
             attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
         return dq, dk, dv
     n, k = q_BNTH.shape[1], k_BKSH.shape[1]
     acc = lse_dtype(q_BNTH.dtype)
+    mask = _with_causal(mask, is_causal, q_BNTH, k_BKSH)
     p = torch.exp(_scores(q_BNTH, k_BKSH, mask, scale) - L_BNT[..., None])  # the final probabilities
     v = _heads(v_BKSH, n).to(acc)
     dO = dO_BNTH.to(acc)
