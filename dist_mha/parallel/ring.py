@@ -102,13 +102,15 @@ def _exchange(send: torch.Tensor, plan: RingPlan):
     return recv, dist.batch_isend_irecv(ops)
 
 
-def _pack(k_BKSH, v_BKSH):
-    return torch.cat([k_BKSH.reshape(-1), v_BKSH.reshape(-1)])
+def _pack(k_BSKH, v_BSKH):
+    """One contiguous buffer holding K then V (one transfer per step); the only copy of K/V made."""
+    return torch.cat([k_BSKH.reshape(-1), v_BSKH.reshape(-1)])
 
 
 def _unpack(flat, k_shape, v_shape):
+    """`(k_BKSH, v_BKSH)` views of a packed `(B, S, K, H)` pair (the kernels take strided inputs)."""
     nk = k_shape.numel()
-    return flat[:nk].view(k_shape), flat[nk:].view(v_shape)
+    return flat[:nk].view(k_shape).transpose(1, 2), flat[nk:].view(v_shape).transpose(1, 2)
 
 
 def _chunks(x, dim):
@@ -119,9 +121,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BTNH, k_BSKH, v_BSKH, plan: RingPlan):
         q = q_BTNH.transpose(1, 2)  # (B, n, t, H)
-        k, v = k_BSKH.transpose(1, 2).contiguous(), v_BSKH.transpose(1, 2).contiguous()  # (B, k, s, H)
-        k_shape, v_shape = k.shape, v.shape
-        kv = _pack(k, v)
+        k_shape, v_shape = k_BSKH.shape, v_BSKH.shape
+        kv = _pack(k_BSKH, v_BSKH)
         q_parts = _chunks(q, 2)
         outs, lses = [None, None], [None, None]
         for step in range(plan.p):
@@ -147,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
         for qi in range(2):
             if outs[qi] is None:  # no key visible to any row of the chunk
                 B, n, t2, _ = q_parts[qi].shape
-                outs[qi] = torch.zeros(B, n, t2, v.shape[-1], dtype=acc, device=q.device)
+                outs[qi] = torch.zeros(B, n, t2, v_shape[-1], dtype=acc, device=q.device)
                 lses[qi] = torch.full((B, n, t2), float("-inf"), dtype=acc, device=q.device)
         O = torch.cat(outs, dim=2).to(q.dtype)  # (B, n, t, Hv)
         L = torch.cat(lses, dim=2)
@@ -160,7 +161,6 @@ class _RingAttention(torch.autograd.Function):
         q_BTNH, k_BSKH, v_BSKH, O, L = ctx.saved_tensors
         plan = ctx.plan
         q = q_BTNH.transpose(1, 2)
-        k, v = k_BSKH.transpose(1, 2).contiguous(), v_BSKH.transpose(1, 2).contiguous()
         acc = blockwise.lse_dtype(q.dtype)
         dead = torch.isinf(L)
         dO = dO_BTNH.transpose(1, 2).masked_fill(dead[..., None], 0).to(q.dtype)
@@ -170,8 +170,8 @@ class _RingAttention(torch.autograd.Function):
         L_parts, D_parts = _chunks(L, 2), _chunks(D, 2)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dq_parts = _chunks(dq, 2)
-        k_shape, v_shape = k.shape, v.shape
-        kv = _pack(k, v)
+        k_shape, v_shape = k_BSKH.shape, v_BSKH.shape
+        kv = _pack(k_BSKH, v_BSKH)
         dkv_out = None  # this step's dK/dV total for the block we hold, on its way to the next rank
         for step in range(plan.p):
             src = (plan.r - step) % plan.p
@@ -207,7 +207,7 @@ class _RingAttention(torch.autograd.Function):
         for req in reqs:
             req.wait()
         dk, dv = _unpack(recv, k_shape, v_shape)
-        return (dq.to(q.dtype).transpose(1, 2), dk.to(k.dtype).transpose(1, 2), dv.to(v.dtype).transpose(1, 2),
+        return (dq.to(q.dtype).transpose(1, 2), dk.to(k_BSKH.dtype).transpose(1, 2), dv.to(v_BSKH.dtype).transpose(1, 2),
                 None)
 
 
