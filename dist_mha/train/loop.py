@@ -171,9 +171,12 @@ def train(cfg, run_dir, on_start=None) -> dict:
         _setup_logging(run_dir, info.is_main)
         try:
             return _run(cfg, info, run_dir, plan, data, kind, run_config, tp, dp)
-        except BaseException:
+        except BaseException as e:
             if info.is_main:
                 log.exception("the run failed at this error (the traceback follows)")
+            if "timed out" in str(e).lower():
+                log.error("a peer did not answer within parallel.timeout_s=%s s (a hung, stopped or dead rank), so this "
+                          "rank stops. Rerun the same command to resume from the last checkpoint.", cfg.parallel.timeout_s)
             raise
     except BaseException as e:
         if info.is_main and not started:
