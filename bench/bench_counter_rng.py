@@ -26,10 +26,10 @@ for _p in (ROOT, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import torch  # noqa: E402
-from attention_bench.load import OthersLoad  # noqa: E402
+import torch
 
-from dist_mha.core.counter_rng import normal, uniform  # noqa: E402
+from attention_bench.load import OthersLoad
+from dist_mha.core.counter_rng import normal, uniform
 
 
 def _median_s(fn, repeats: int) -> float:

@@ -22,11 +22,26 @@ import sys
 import time
 from pathlib import Path
 
+import fault_tasks
 import pytest
 
-import fault_tasks
-from train_helpers import (FAST, ROOT, TRAIN, all_weights, env, failed, free_port, kill_tree, metrics, run, same_tensors,
-                           snapshot, torchrun, torchrun_bin, train)
+from train_helpers import (
+    FAST,
+    ROOT,
+    TRAIN,
+    all_weights,
+    env,
+    failed,
+    free_port,
+    kill_tree,
+    metrics,
+    run,
+    same_tensors,
+    snapshot,
+    torchrun,
+    torchrun_bin,
+    train,
+)
 
 STEPS = [5, 10, 15, 20]
 F64 = "train.dtype=float64"
@@ -274,7 +289,7 @@ def _can_mount_tmpfs() -> bool:
         return False
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                             "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d && rmdir $d"],
-                           capture_output=True)
+                           capture_output=True, check=False)
     return probe.returncode == 0
 
 

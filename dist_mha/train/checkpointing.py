@@ -80,7 +80,9 @@ def _unflatten_into(flat: dict, model, optimizer) -> dict:
 def _agree(ok: bool, error: BaseException | None, what: str) -> None:
     """Every rank learns whether every rank succeeded; the failing rank re-raises, the others say who failed."""
     if dist.is_initialized():
-        flag = torch.tensor([0 if ok else dist.get_rank() + 1], dtype=torch.int64)
+        # NCCL's default group only takes CUDA tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0 if ok else dist.get_rank() + 1], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         failed = int(flag.item()) - 1
     else:
@@ -178,7 +180,7 @@ def save_deepspeed(engine, run_dir, step: int, manifest: dict) -> Path:
         if _is_rank0():
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    files = lambda: {f.relative_to(partial).as_posix(): None for f in sorted(partial.rglob("*")) if f.is_file()}  # noqa: E731
+    files = lambda: {f.relative_to(partial).as_posix(): None for f in sorted(partial.rglob("*")) if f.is_file()}
     return _finish(root, step, partial, files, manifest, "deepspeed")
 
 

@@ -138,3 +138,17 @@ def set_group_timeouts(timeout: timedelta) -> int:
         except (ValueError, RuntimeError, AssertionError):
             continue
     return n
+
+
+def shutdown(engine=None) -> None:
+    """Leaves no process group or DeepSpeed communicator to be torn down at interpreter exit."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if engine is not None:
+        import deepspeed.comm
+
+        engine.destroy()
+        deepspeed.comm.destroy_process_group()  # torch's groups and DeepSpeed's references to them
+    if dist.is_initialized():
+        dist.destroy_process_group()

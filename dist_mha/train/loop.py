@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from datetime import timedelta
@@ -29,7 +27,8 @@ from dist_mha.parallel.atomic_io import atomic_write
 from dist_mha.parallel.grads import clip_grad_norm_
 from dist_mha.train import checkpointing
 from dist_mha.train.data import make_data
-from dist_mha.train.distributed import group_timeouts, init_distributed, set_group_timeouts
+from dist_mha.train.distributed import group_timeouts, init_distributed, set_group_timeouts, shutdown
+from dist_mha.train.faults import inject
 from dist_mha.train.plot import plot_loss
 from dist_mha.train.run_lock import RunLock
 from dist_mha.train.startup import agree_run_dir, describe_launch, from_rank0, plan_start
@@ -85,42 +84,6 @@ def _truncate_metrics(path: Path, last_step: int) -> int:
     if len(keep) != len(rows):
         atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
     return len(rows) - len(keep)
-
-
-def _fault(cfg, info, step: int, where: str):
-    """Fault injection for tests (`train.fail_at_step`, `fail_rank`, `fail_mode`), first attempt only."""
-    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or info.restart != 0 \
-            or info.rank != cfg.train.fail_rank:
-        return None
-    mode = cfg.train.get("fail_mode", "exit")
-    if where == "save" and mode == "exit_in_save":
-        def crash():
-            log.error("fault injection: rank %d exits after writing its step %d shard", info.rank, step)
-            os._exit(13)
-        return crash
-    if where == "step" and mode in ("exit", "stop"):
-        log.error("fault injection: rank %d %s at step %d", info.rank, "exits" if mode == "exit" else "stops", step)
-        for h in logging.getLogger("dist_mha").handlers:
-            h.flush()
-        if mode == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)  # a hung peer: alive, holding its sockets, never answering
-        else:
-            os._exit(13)
-    return None
-
-
-def _shutdown(engine) -> None:
-    """Leaves no process group or DeepSpeed communicator to be torn down at interpreter exit."""
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    if engine is not None:
-        import deepspeed.comm
-
-        engine.destroy()
-        deepspeed.comm.destroy_process_group()  # torch's groups and DeepSpeed's references to them
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def train(cfg, run_dir, on_start=None) -> dict:
@@ -249,7 +212,7 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
     t_last, losses = time.perf_counter(), []
     model.train()
     while step < cfg.train.steps:
-        _fault(cfg, info, step, "step")
+        inject(cfg, info, step, "step")
         lr = _lr(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -293,7 +256,7 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
             else:
                 meta = {"step": step, "tp": tp, "dp": dp, "torch_rng": torch.get_rng_state()}
                 checkpointing.save(run_dir, step, model, opt, meta, tp_rank=state.tp_rank, tp_size=tp,
-                                   dp_rank=state.dp_rank, manifest=manifest, after_shard=_fault(cfg, info, step, "save"))
+                                   dp_rank=state.dp_rank, manifest=manifest, after_shard=inject(cfg, info, step, "save"))
             if cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step:
                 break  # a clean interruption right after a checkpoint (resume tests, time limits)
 
@@ -306,5 +269,5 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
             summary["plot"] = plot_loss(metrics_path, run_dir / "loss_curve.png", data) is not None
         atomic_write(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         log.info("done: %s", json.dumps(summary))
-    _shutdown(engine)
+    shutdown(engine)
     return summary

@@ -194,7 +194,7 @@ def find_resume(root: Path) -> tuple[Path | None, dict | None, list[str]]:
 def has_work(run_dir: Path) -> list[str]:
     """What a previous run left in `run_dir` that a fresh start would overwrite (empty: nothing)."""
     found = []
-    for kind, name in ROOTS.items():
+    for name in ROOTS.values():
         s = steps(run_dir / name)
         if s:
             found.append(f"{len(s)} checkpoint step(s) in {name}/ (newest {s[0][1].name})")

@@ -62,8 +62,8 @@ def _alive(holder: dict) -> bool:
 
 def _identity() -> dict:
     job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    attempt = [int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
-               int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)]
+    attempt = [int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+               int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)]
     return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),
             "job": job, "attempt": attempt, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv)[:300]}
@@ -96,7 +96,7 @@ class RunLock:
         self.fd = None
         self.took_over: str | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         me = _identity()
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -160,7 +160,7 @@ class RunLock:
         os.close(self.fd)
         self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
