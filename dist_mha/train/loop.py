@@ -233,6 +233,8 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
                 clip_grad_norm_(params, cfg.optim.grad_clip, state.tp_group)
             opt.step()
         step += 1
+        if step == plan.step + 1 and dist.is_initialized():
+            set_group_timeouts(timeout)  # groups created lazily in the first step (e.g. gloo twins of NCCL groups)
         losses.append(loss.detach())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             mean = torch.stack(losses).mean()
