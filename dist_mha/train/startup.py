@@ -75,16 +75,16 @@ def plan_start(run_dir: Path, *, resume: bool, kind: str, run_config: dict, tp: 
             of the other kind (DeepSpeed vs plain); a changed model config.
         CheckpointError: checkpoints exist but none is intact.
     """
+    work = has_work(run_dir)
+    if not resume and work:
+        raise ValueError(
+            f"train.resume=false, but run dir {run_dir} already holds a run: {'; '.join(work)}. Starting over "
+            "there would mix two runs' checkpoints and metrics. Resume it (train.resume=true, the default), "
+            f"start in another directory (hydra.run.dir=...), or delete {run_dir} first.")
     notes = []
     for name in ROOTS.values():
         notes += clean(run_dir / name)
-    work = has_work(run_dir)
     if not resume:
-        if work:
-            raise ValueError(
-                f"train.resume=false, but run dir {run_dir} already holds a run: {'; '.join(work)}. Starting over "
-                "there would mix two runs' checkpoints and metrics. Resume it (train.resume=true, the default), "
-                f"start in another directory (hydra.run.dir=...), or delete {run_dir} first.")
         return Plan(None, 0, notes)
     other = "deepspeed" if kind == "tp" else "tp"
     if steps(run_dir / ROOTS[other]):
