@@ -31,21 +31,30 @@ def env():
     return e
 
 
-def run(args, timeout=240, check=True):
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+def run(args, timeout=240, check=True, cwd=ROOT, **kwargs):
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def train(run_dir, *overrides, timeout=240):
-    return run([sys.executable, TRAIN, f"hydra.run.dir={run_dir}", *FAST, *overrides], timeout)
+def train(run_dir, *overrides, timeout=240, check=True, **kwargs):
+    return run([sys.executable, TRAIN, f"hydra.run.dir={run_dir}", *FAST, *overrides], timeout, check, **kwargs)
 
 
 def torchrun(run_dir, nproc, *overrides, extra=(), timeout=300, check=True):
-    torchrun_bin = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    return run([torchrun_bin, "--standalone", f"--nproc-per-node={nproc}", *extra, TRAIN,
+    return run([torchrun_bin(), "--standalone", f"--nproc-per-node={nproc}", *extra, TRAIN,
                 f"hydra.run.dir={run_dir}", *FAST, *overrides], timeout, check)
+
+
+def torchrun_bin() -> str:
+    return shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+
+
+def failed(proc) -> str:
+    """The output of a run that must have failed (asserts that it did)."""
+    assert proc.returncode != 0, f"expected a failure, got rc 0:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def metrics(run_dir):
@@ -53,9 +62,52 @@ def metrics(run_dir):
 
 
 def final_weights(run_dir, step):
-    """Rank 0's model tensors of the checkpoint at `step`."""
+    """Rank 0's model and optimizer tensors of the checkpoint at `step`."""
     f = Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "tp000-of-001.pt"
     if not f.exists():
         f = sorted((Path(run_dir) / "checkpoints" / f"step_{step:08d}").glob("tp000-of-*.pt"))[0]
     sd = torch.load(f, weights_only=True)
     return {k: v for k, v in sd.items() if k.startswith(("model.", "optim.")) and isinstance(v, torch.Tensor)}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILLs `pid` and every descendant (torchrun starts its workers in their own sessions)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def snapshot(run_dir) -> dict:
+    """`{relative path: bytes}` of every file under `run_dir`: equal snapshots mean nothing was written."""
+    root = Path(run_dir)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def all_weights(run_dir, step):
+    """Every TP rank's model and optimizer tensors of the checkpoint at `step`, keyed by (file, name)."""
+    out = {}
+    for f in sorted((Path(run_dir) / "checkpoints" / f"step_{step:08d}").glob("tp*-of-*.pt")):
+        sd = torch.load(f, weights_only=True)
+        out.update({(f.name, k): v for k, v in sd.items() if k.startswith(("model.", "optim.")) and isinstance(v, torch.Tensor)})
+    return out
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

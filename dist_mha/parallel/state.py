@@ -32,6 +32,19 @@ class ParallelState:
     dp_rank: int
 
 
+def _default_group_timeout() -> timedelta | None:
+    """The timeout the default process group was initialised with (None if torch does not say)."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        pg = c10d._get_default_group()
+        for device in pg._device_types:
+            return pg._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+    return None
+
+
 def build_parallel_state(tp_size: int, *, timeout: timedelta | None = None) -> ParallelState:
     """Splits the default process group into TP x DP groups (TP ranks contiguous).
 
@@ -40,7 +53,9 @@ def build_parallel_state(tp_size: int, *, timeout: timedelta | None = None) -> P
 
     Args:
         tp_size: ranks per tensor-parallel group.
-        timeout: collective timeout for the new groups.
+        timeout: collective timeout for the new groups; None gives them the
+            default group's timeout (torch's `new_group` would otherwise use its
+            own 30-minute default, so a hung peer would block that long).
 
     Returns:
         This rank's `ParallelState`.
@@ -62,6 +77,8 @@ def build_parallel_state(tp_size: int, *, timeout: timedelta | None = None) -> P
             f"Received an invalid value for argument `tp_size`, expected a divisor of the world size "
             f"{world}: one of {valid}. Received: tp_size={tp_size!r}"
         )
+    if timeout is None:
+        timeout = _default_group_timeout()
     kwargs = {} if timeout is None else {"timeout": timeout}
     tp_group = dp_group = None
     for start in range(0, world, tp_size):

@@ -2,9 +2,13 @@
 
 The run directory must be the same on every rank: it is pinned to the
 launcher's run id (torchrun's `TORCHELASTIC_RUN_ID`, SLURM's job id) before
-falling back to a timestamp, and only rank 0 writes Hydra's `.hydra/`.
-The `deepspeed` launcher appends `--local_rank=N`, which Hydra would reject;
-it is dropped here (ranks come from the environment).
+falling back to a timestamp, and the training loop makes every rank use rank
+0's (launchers without a shared id, such as the `deepspeed` CLI, can give the
+ranks different timestamps). Hydra itself writes nothing there
+(`hydra.output_subdir: null`): rank 0 writes `.hydra/` once the run holds
+the directory's lock, so a run that is refused leaves another run's record
+untouched. The `deepspeed` launcher appends `--local_rank=N`, which Hydra
+would reject; it is dropped here (ranks come from the environment).
 """
 
 from __future__ import annotations
@@ -53,12 +57,24 @@ def config_dir() -> str:
     )
 
 
+def write_hydra_record(run_dir, cfg) -> None:
+    """What Hydra would write to `<run_dir>/.hydra/`: the config, Hydra's own config and the overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    out = Path(run_dir) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), out / "hydra.yaml")
+    OmegaConf.save(hc.overrides.task, out / "overrides.yaml")
+
+
 def run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from dist_mha.train.loop import train
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    train(cfg, HydraConfig.get().runtime.output_dir, on_start=lambda run_dir: write_hydra_record(run_dir, cfg))
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
 """Training checkpoints: model, optimizer, RNG streams, data position and step.
 
-Layout: `<run_dir>/checkpoints/step_NNNNNNNN/tpRRR-of-SSS.pt`, one file per TP
-rank written by DP rank 0 of its TP group (model and optimizer are replicated
-across DP), each atomically (temp file + rename); after every rank has
-written, rank 0 points `<run_dir>/checkpoints/latest` at it (also atomically),
-so a crash mid-save leaves the previous checkpoint in force.
+Layout: `<run_dir>/checkpoints/step_NNNNNNNN/tpRRR-of-SSS.pt` (+ `.sha256`
+sidecars), one file per TP rank written by DP rank 0 of its TP group (model
+and optimizer are replicated across DP). A step is written into
+`.step_NNNNNNNN.partial/`; once every rank has written its shard, rank 0 adds
+`manifest.json` (sizes, sha256, config) and renames the directory into place,
+then moves the `latest` pointer. A crash mid-save leaves only the partial
+directory, which the next start removes (see `dist_mha.train.run_dir`).
+DeepSpeed checkpoints (`save_deepspeed`) follow the same protocol in
+`deepspeed_checkpoints/`.
 
 A file is one flat dict: `model.<key>` for the model's state dict, and for
 each per-parameter optimizer tensor (Adam's moments) `optim.<field>.<param>`,
@@ -16,13 +20,15 @@ and optimizer. The data position is the step (batches are a function of it).
 
 from __future__ import annotations
 
-import os
+import errno
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dist_mha.parallel.checkpoint import load_tp_shard, save_tp_shard
+from dist_mha.parallel.checkpoint import CheckpointError, load_tp_shard, save_tp_shard
+from dist_mha.train.run_dir import ROOTS, partial_dir, publish, shard_digests, step_name, write_manifest
 
 _EXTRA = "_extra_state"
 
@@ -71,28 +77,80 @@ def _unflatten_into(flat: dict, model, optimizer) -> dict:
     return flat["meta"]
 
 
-def save(run_dir, step: int, model, optimizer, meta: dict, *, tp_rank: int, tp_size: int, dp_rank: int) -> Path:
-    """Every rank calls this (it synchronises); returns the checkpoint directory."""
-    ckpt = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+def _agree(ok: bool, error: BaseException | None, what: str) -> None:
+    """Every rank learns whether every rank succeeded; the failing rank re-raises, the others say who failed."""
+    if dist.is_initialized():
+        # NCCL's default group only takes CUDA tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0 if ok else dist.get_rank() + 1], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item()) - 1
+    else:
+        failed = -1 if ok else 0
+    if error is not None:
+        raise error
+    if failed >= 0:
+        raise RuntimeError(f"{what} failed on rank {failed} (its error says why); this rank stops too.")
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _begin(root: Path, step: int) -> Path:
+    partial = partial_dir(root, step)
+    if _is_rank0():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return partial
+
+
+def _finish(root: Path, step: int, partial: Path, files, meta: dict, kind: str) -> Path:
+    final = root / step_name(step)
+    ok, error = True, None
+    if _is_rank0():
+        try:
+            write_manifest(partial, step=step, kind=kind, files=files(), meta=meta)
+            publish(partial, final)
+        except BaseException as e:
+            ok, error = False, e
+            shutil.rmtree(partial, ignore_errors=True)
+    _agree(ok, error, f"Publishing checkpoint {final}")
+    return final
+
+
+def save(run_dir, step: int, model, optimizer, meta: dict, *, tp_rank: int, tp_size: int, dp_rank: int,
+         manifest: dict | None = None, after_shard=None) -> Path:
+    """Every rank calls this (it synchronises); returns the published step directory.
+
+    Args:
+        manifest: extra fields for `manifest.json` (the model config, TP and DP degrees).
+        after_shard: called on the writing ranks right after their shard (fault injection).
+
+    Raises:
+        OSError: naming the file and what to do, when the disk is full; no
+            temporary file or partial step is left behind.
+    """
+    root = Path(run_dir) / ROOTS["tp"]
+    partial = _begin(root, step)
+    ok, error = True, None
     if dp_rank == 0:
-        save_tp_shard(_flatten(model, optimizer, meta), ckpt, tp_rank, tp_size)
-    if dist.is_initialized():
-        dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        latest = Path(run_dir) / "checkpoints" / "latest"
-        tmp = latest.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(ckpt.name)
-        os.replace(tmp, latest)
-    if dist.is_initialized():
-        dist.barrier()
-    return ckpt
-
-
-def latest(run_dir) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    return pointer.parent / pointer.read_text().strip()
+        try:
+            save_tp_shard(_flatten(model, optimizer, meta), partial, tp_rank, tp_size)
+            if after_shard is not None:
+                after_shard()
+        except BaseException as e:
+            ok, error = False, e
+    try:
+        _agree(ok, error, f"Writing checkpoint shards into {partial}")
+    except BaseException:
+        if _is_rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return _finish(root, step, partial, lambda: shard_digests(partial, tp_size),
+                   {"tp": tp_size, **(manifest or {})}, "tp")
 
 
 def load_model_state(ckpt_dir, tp_group) -> dict:
@@ -104,5 +162,39 @@ def load_model_state(ckpt_dir, tp_group) -> dict:
 
 
 def load(ckpt_dir, model, optimizer, *, tp_rank: int, tp_size: int) -> dict:
-    """Restores model and optimizer (resharding if the TP degree changed); returns the saved meta."""
+    """Restores model and optimizer (resharding if the TP degree changed); returns the saved meta.
+
+    Every file read is verified against its checksum first (`load_tp_shard`).
+    """
     return _unflatten_into(load_tp_shard(ckpt_dir, tp_size, tp_rank), model, optimizer)
+
+
+def save_deepspeed(engine, run_dir, step: int, manifest: dict) -> Path:
+    """DeepSpeed's own checkpoint (ZeRO-partitioned optimizer), written and published like `save`."""
+    root = Path(run_dir) / ROOTS["deepspeed"]
+    partial = _begin(root, step)
+    ok, error = True, None
+    try:
+        engine.save_checkpoint(str(root), tag=partial.name, client_state={"step": step}, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        ok = False
+        error = OSError(getattr(e, "errno", None) or errno.EIO,
+                        f"Could not write the DeepSpeed checkpoint into {partial} ({e}); "
+                        f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there. If the disk is full, free "
+                        "space and rerun the same command: the run resumes from its last complete checkpoint.")
+    try:
+        _agree(ok, error, f"Writing the DeepSpeed checkpoint into {partial}")
+    except BaseException:
+        if _is_rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    files = lambda: {f.relative_to(partial).as_posix(): None for f in sorted(partial.rglob("*")) if f.is_file()}
+    return _finish(root, step, partial, files, manifest, "deepspeed")
+
+
+def load_deepspeed(engine, step_dir: Path) -> int:
+    """Loads a verified DeepSpeed step directory; returns its step."""
+    _, client = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load {step_dir}.", step_dir)
+    return int(client["step"])

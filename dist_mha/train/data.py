@@ -46,6 +46,12 @@ class AssociativeRecall:
         """The best answer loss without looking at the context."""
         return math.log(self.num_values)
 
+    loss_label = "train loss on the answer tokens"
+
+    @property
+    def floor_label(self) -> str:
+        return f"best without attention: ln {self.num_values} = {self.chance_loss:.2f}"
+
     def batch(self, step: int, dp_rank: int, batch_size: int):
         """Returns `(tokens (B, L), targets (B, L), loss_mask (B, L))`; only answers are scored."""
         g = torch.Generator().manual_seed(mix64(self.seed, step, dp_rank) & ((1 << 63) - 1))
@@ -76,6 +82,8 @@ class TextBytes:
             raise ValueError(f"data.path holds {len(self.data)} bytes, fewer than seq_len+2={seq_len + 2}.")
         self.seq_len, self.seed, self.vocab_size = seq_len, seed, 256
         self.chance_loss = math.log(256)
+        self.loss_label = "train loss per byte (next-byte prediction)"
+        self.floor_label = "uniform guess over 256 byte values: ln 256 = 5.55"
 
     def batch(self, step: int, dp_rank: int, batch_size: int):
         g = torch.Generator().manual_seed(mix64(self.seed, step, dp_rank) & ((1 << 63) - 1))

@@ -97,3 +97,58 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
                                 timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": dev} if backend == "nccl" else {}))
     return DistInfo(rank, world, local_rank, dev, restart)
+
+
+def _backend_of(pg):
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device))
+        except (RuntimeError, ValueError):
+            continue
+    return None
+
+
+def group_timeouts() -> dict:
+    """`{ranks of the group: timeout in seconds}` for every process group this process belongs to."""
+    from torch.distributed import distributed_c10d as c10d
+
+    out = {}
+    for pg in list(c10d._world.pg_map):
+        backend = _backend_of(pg)
+        options = getattr(backend, "options", None)
+        if options is not None and hasattr(options, "_timeout"):
+            out[tuple(dist.get_process_group_ranks(pg))] = options._timeout.total_seconds()
+    return out
+
+
+def set_group_timeouts(timeout: timedelta) -> int:
+    """Gives every process group this process belongs to `timeout` (groups DeepSpeed made too); returns how many.
+
+    torch's `new_group` defaults to 30 minutes, not the default group's
+    timeout, so a group created without one would let a hung peer block for
+    half an hour.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    n = 0
+    for pg in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timeout, pg)
+            n += 1
+        except (ValueError, RuntimeError, AssertionError):
+            continue
+    return n
+
+
+def shutdown(engine=None) -> None:
+    """Leaves no process group or DeepSpeed communicator to be torn down at interpreter exit."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if engine is not None:
+        import deepspeed.comm
+
+        engine.destroy()
+        deepspeed.comm.destroy_process_group()  # torch's groups and DeepSpeed's references to them
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,8 +1,9 @@
-"""The training loop: build, resume, train, log, checkpoint, plot.
+"""The training loop: start (run dir, lock, resume point), build, train, log, checkpoint, plot, shut down.
 
 Only rank 0 prints progress and writes logs and metrics; every rank raises
 on error (torchrun then tears the job down and, with --max-restarts, restarts
-it from the last checkpoint).
+it from the last checkpoint). Once a run holds its run dir, an error is
+written with its traceback to `train.log` before it propagates.
 """
 
 from __future__ import annotations
@@ -10,21 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from dist_mha.models.decoder import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
+from dist_mha.parallel.atomic_io import atomic_write
 from dist_mha.parallel.grads import clip_grad_norm_
 from dist_mha.train import checkpointing
 from dist_mha.train.data import make_data
-from dist_mha.train.distributed import init_distributed
+from dist_mha.train.distributed import group_timeouts, init_distributed, set_group_timeouts, shutdown
+from dist_mha.train.faults import inject
+from dist_mha.train.plot import plot_loss
+from dist_mha.train.run_lock import RunLock
+from dist_mha.train.startup import agree_run_dir, describe_launch, from_rank0, plan_start
 
 log = logging.getLogger("dist_mha.train")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -32,6 +39,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
     root = logging.getLogger("dist_mha")
+    for h in root.handlers:
+        h.close()
     root.handlers.clear()
     root.propagate = False
     if is_main:
@@ -66,53 +75,92 @@ def _allreduce_grads(params, group, size):
         offset += g.numel()
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops metrics of steps after the checkpoint we resume from: each step is logged once."""
+def _truncate_metrics(path: Path, last_step: int) -> int:
+    """Drops metrics of steps after the one we start from, so each step is logged once; returns rows dropped."""
     if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+        return 0
+    rows = [ln for ln in path.read_text().splitlines() if ln]
+    keep = [ln for ln in rows if json.loads(ln)["step"] <= last_step]
+    if len(keep) != len(rows):
+        atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+    return len(rows) - len(keep)
 
 
-def _plot(metrics_path: Path, out: Path, chance: float) -> bool:
-    try:
-        import matplotlib
+def train(cfg, run_dir, on_start=None) -> dict:
+    """Runs one training job described by the Hydra config `cfg` in `run_dir`; returns a summary.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; skipping the loss-curve PNG (pip install 'dist_mha[launch]')")
-        return False
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss (answer tokens)")
-    ax.axhline(chance, color="gray", linestyle="--", label=f"best without attention = {chance:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def train(cfg, run_dir) -> dict:
-    """Runs one training job described by the Hydra config `cfg` in `run_dir`; returns a summary."""
-    run_dir = Path(run_dir)
+    Args:
+        cfg: the composed config (`configs/config.yaml`).
+        run_dir: this rank's run directory; rank 0's is used by every rank.
+        on_start: called on rank 0 with the run dir once the run holds it
+            (the Hydra app writes `.hydra/` there).
+    """
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
     info = init_distributed(cfg.train.device, cfg.parallel.backend, cfg.parallel.timeout_s)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, info.is_main)
-    tp = int(cfg.parallel.tp)
-    if info.world_size % tp:
-        raise ValueError(f"Received parallel.tp={tp} with {info.world_size} processes; tp must divide the world size.")
-    dp = info.world_size // tp
-    if cfg.parallel.dp not in (None, "auto") and int(cfg.parallel.dp) != dp:
-        raise ValueError(f"Received parallel.dp={cfg.parallel.dp} but world {info.world_size} / tp {tp} gives dp={dp}.")
+    requested, lock, started = Path(run_dir), None, False
+    try:
+        run_dir = agree_run_dir(requested)
+        tp = int(cfg.parallel.tp)
+        if info.world_size % tp:
+            raise ValueError(f"Received parallel.tp={tp} with {info.world_size} processes; tp must divide the world size.")
+        dp = info.world_size // tp
+        if cfg.parallel.dp not in (None, "auto") and int(cfg.parallel.dp) != dp:
+            raise ValueError(f"Received parallel.dp={cfg.parallel.dp} but world {info.world_size} / tp {tp} gives dp={dp}.")
+        data = make_data(cfg.data, cfg.train.seed)
+        kind = "deepspeed" if cfg.launcher.name == "deepspeed" else "tp"
+        run_config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                      "data": {"name": cfg.data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len}}
+
+        def take():
+            nonlocal lock
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            try:
+                plan = plan_start(run_dir, resume=bool(cfg.train.resume), kind=kind, run_config=run_config,
+                                  tp=tp, world=info.world_size)
+                if lock.took_over:
+                    plan.notes.insert(0, f"took over the stale lock of {lock.took_over}")
+                if on_start is not None:
+                    on_start(run_dir)
+            except BaseException:
+                lock.release()
+                lock = None
+                raise
+            return plan
+
+        plan = from_rank0(take)
+        started = True
+        _setup_logging(run_dir, info.is_main)
+        try:
+            return _run(cfg, info, run_dir, plan, data, kind, run_config, tp, dp)
+        except BaseException as e:
+            if info.is_main:
+                log.exception("the run failed at this error (the traceback follows)")
+            if "timed out" in str(e).lower():
+                log.error("a peer did not answer within parallel.timeout_s=%s s (a hung, stopped or dead rank), so this "
+                          "rank stops. Rerun the same command to resume from the last checkpoint.", cfg.parallel.timeout_s)
+            raise
+    except BaseException as e:
+        if info.is_main and not started:
+            try:
+                requested.rmdir()  # a directory made for this run and still empty
+            except OSError:
+                pass
+        if getattr(e, "agreed", False) and dist.is_initialized():
+            dist.destroy_process_group()  # every rank raised here, so none waits in a collective
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: int, dp: int) -> dict:
+    timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
+    for note in plan.notes:
+        log.warning(note)
     torch.manual_seed(cfg.train.seed)
-    state = build_parallel_state(tp)
-    data = make_data(cfg.data, cfg.train.seed)
+    state = build_parallel_state(tp, timeout=timeout)
     seq_len = data.seq_len
     if cfg.parallel.sequence_parallel and seq_len % tp:
         raise ValueError(f"Sequence parallelism needs seq_len divisible by parallel.tp={tp}; the data gives {seq_len}.")
@@ -124,20 +172,16 @@ def train(cfg, run_dir) -> dict:
                       dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    manifest = {"config": run_config, "tp": tp, "dp": dp, "world": info.world_size}
 
-    step = 0
+    step = plan.step
     metrics_path = run_dir / "metrics.jsonl"
-    deepspeed_run = cfg.launcher.name == "deepspeed"
-    resume_from = checkpointing.latest(run_dir) if cfg.train.resume and not deepspeed_run else None
-    if resume_from is not None:
-        meta = checkpointing.load(resume_from, model, opt, tp_rank=state.tp_rank, tp_size=tp)
-        step = meta["step"]
+    if plan.resume_dir is not None and kind == "tp":
+        meta = checkpointing.load(Path(plan.resume_dir), model, opt, tp_rank=state.tp_rank, tp_size=tp)
         if info.is_main:
-            _truncate_metrics(metrics_path, step)
-            log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", resume_from, step, meta["tp"], tp)
-
+            log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", plan.resume_dir, step, meta["tp"], tp)
     engine = None
-    if deepspeed_run:
+    if kind == "deepspeed":
         import deepspeed
 
         ds_config = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
@@ -145,28 +189,31 @@ def train(cfg, run_dir) -> dict:
                      "gradient_clipping": cfg.optim.grad_clip, "steps_per_print": 10**9}
         if dtype == torch.bfloat16:
             ds_config["bf16"] = {"enabled": True}
+        deepspeed.init_distributed(timeout=timeout)  # wraps our default group; DeepSpeed's comm gets our timeout
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=MPU(state))
-        ds_dir = run_dir / "deepspeed_checkpoints"
-        if cfg.train.resume and (ds_dir / "latest").is_file():
+        if plan.resume_dir is not None:
             # DeepSpeed owns (ZeRO-partitioned) optimizer state; its own format restores it.
-            _, client = engine.load_checkpoint(str(ds_dir))
-            step = client["step"]
+            checkpointing.load_deepspeed(engine, Path(plan.resume_dir))
             if info.is_main:
-                _truncate_metrics(metrics_path, step)
-                log.info("resumed DeepSpeed checkpoint at step %d", step)
-
+                log.info("resumed DeepSpeed checkpoint %s at step %d", plan.resume_dir, step)
+    if dist.is_initialized():
+        set_group_timeouts(timeout)  # groups made by others (DeepSpeed) too
     if info.is_main:
+        dropped = _truncate_metrics(metrics_path, step)
+        if dropped:
+            log.warning("dropped %d metrics rows after step %d: those steps run again", dropped, step)
         n_params = sum(p.numel() for p in params)
-        log.info("run dir %s | world %d = tp %d x dp %d | %s | %d local parameters | launcher %s",
-                 run_dir, info.world_size, tp, dp, info.device, n_params, cfg.launcher.name)
+        engine_name = f"DeepSpeed ZeRO-{int(cfg.launcher.zero_stage)}" if engine is not None else "PyTorch"
+        log.info("run dir %s | world %d = tp %d x dp %d | %s | %d local parameters | launched by %s | %s | "
+                 "%d threads", run_dir, info.world_size, tp, dp, info.device, n_params, describe_launch(info.world_size),
+                 engine_name, torch.get_num_threads())
+        if dist.is_initialized():
+            log.info("process group timeouts (s): %s", sorted(set(group_timeouts().values())))
     tokens_per_step = cfg.train.batch_size * seq_len * dp
     t_last, losses = time.perf_counter(), []
     model.train()
     while step < cfg.train.steps:
-        if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step and info.restart == 0 \
-                and info.rank == cfg.train.fail_rank:
-            log.error("fault injection: rank %d exits at step %d", info.rank, step)
-            os._exit(13)
+        inject(cfg, info, step, "step")
         lr = _lr(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -187,6 +234,8 @@ def train(cfg, run_dir) -> dict:
                 clip_grad_norm_(params, cfg.optim.grad_clip, state.tp_group)
             opt.step()
         step += 1
+        if step == plan.step + 1 and dist.is_initialized():
+            set_group_timeouts(timeout)  # groups created lazily in the first step (e.g. gloo twins of NCCL groups)
         losses.append(loss.detach())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             mean = torch.stack(losses).mean()
@@ -206,24 +255,22 @@ def train(cfg, run_dir) -> dict:
                           f"{tok_s:,.0f} tok/s", end="" if step < cfg.train.steps else "\n", file=sys.stderr, flush=True)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             if engine is not None:
-                engine.save_checkpoint(str(run_dir / "deepspeed_checkpoints"), tag=f"step_{step:08d}",
-                                       client_state={"step": step})
+                checkpointing.save_deepspeed(engine, run_dir, step, manifest)
             else:
                 meta = {"step": step, "tp": tp, "dp": dp, "torch_rng": torch.get_rng_state()}
                 checkpointing.save(run_dir, step, model, opt, meta, tp_rank=state.tp_rank, tp_size=tp,
-                                   dp_rank=state.dp_rank)
+                                   dp_rank=state.dp_rank, manifest=manifest, after_shard=inject(cfg, info, step, "save"))
             if cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step:
                 break  # a clean interruption right after a checkpoint (resume tests, time limits)
 
-    summary = {"steps": step, "world": info.world_size, "tp": tp, "dp": dp, "chance_loss": data.chance_loss}
+    summary = {"steps": step, "world": info.world_size, "tp": tp, "dp": dp, "chance_loss": data.chance_loss,
+               "launched_by": describe_launch(info.world_size)}
     if info.is_main:
-        rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+        rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln] if metrics_path.is_file() else []
         summary["final_loss"] = rows[-1]["loss"] if rows else None
-        if cfg.train.plot:
-            summary["plot"] = _plot(metrics_path, run_dir / "loss_curve.png", data.chance_loss)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.train.plot and rows:
+            summary["plot"] = plot_loss(metrics_path, run_dir / "loss_curve.png", data) is not None
+        atomic_write(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         log.info("done: %s", json.dumps(summary))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown(engine)
     return summary
