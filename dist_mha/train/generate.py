@@ -22,6 +22,7 @@ from dist_mha.models.decoder import DecoderLM
 from dist_mha.models.generation import generate
 from dist_mha.parallel import build_parallel_state
 from dist_mha.train import checkpointing
+from dist_mha.train import run_dir as run_dirs
 from dist_mha.train.data import AssociativeRecall, make_data
 from dist_mha.train.distributed import init_distributed
 
@@ -42,11 +43,27 @@ def load_model(run_dir: Path, tp_group, device) -> tuple[DecoderLM, object, obje
     model = DecoderLM(data.vocab_size, data.seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio,
                       num_kv_heads=m.get("num_kv_heads"), tp_group=tp_group, seed=cfg.train.seed, device=device,
                       dtype=_DTYPES[cfg.train.dtype])
-    ckpt = checkpointing.latest(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"No checkpoint in {run_dir / 'checkpoints'}; train first (python launch/train.py).")
+    ckpt = newest_intact_step(run_dir)
     model.load_state_dict(checkpointing.load_model_state(ckpt, tp_group))
     return model.eval(), data, cfg
+
+
+def newest_intact_step(run_dir: Path) -> Path:
+    """The newest checkpoint step that verifies (read-only: unlike a resume, nothing is set aside).
+
+    Raises:
+        FileNotFoundError: when the run dir holds no intact step (each one's problems listed).
+    """
+    root = run_dir / run_dirs.ROOTS["tp"]
+    problems = []
+    for _, step_dir in run_dirs.steps(root):
+        bad = run_dirs.verify_step(step_dir)
+        if not bad:
+            return step_dir
+        problems.append(f"{step_dir.name}: {' '.join(bad)}")
+    listing = "".join(f"\n  {p}" for p in problems)
+    raise FileNotFoundError(f"No intact checkpoint in {root}{listing or ' (no steps)'}; train first (python launch/train.py), "
+                            "or pass the run dir of a finished run.")
 
 
 @torch.no_grad()
@@ -98,7 +115,8 @@ def main(argv=None) -> dict:
         prompt = torch.tensor([list(args.prompt.encode())], dtype=torch.long, device=info.device)
         out = generate(model, prompt, min(args.max_new_tokens, data.seq_len - prompt.shape[1]))
         result = {"text": bytes(out[0].tolist()).decode("utf-8", errors="replace")}
-    result.update(tp=info.world_size, num_kv_heads=cfg.model.get("num_kv_heads"), checkpoint=str(checkpointing.latest(args.run_dir)))
+    result.update(tp=info.world_size, num_kv_heads=cfg.model.get("num_kv_heads"),
+                  checkpoint=str(newest_intact_step(args.run_dir)))
     if info.is_main:
         print(json.dumps(result), file=sys.stdout, flush=True)
         (args.run_dir / "generation.json").write_text(json.dumps(result, indent=2))
