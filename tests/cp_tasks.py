@@ -216,3 +216,14 @@ def decoder_under_cp(ctx, tp, cp, mode, nkv):
         outs.append((logits.detach(), grad))
     (ref, ref_grad), (got, grad) = outs
     return float((got - shard_sequence(ref, cp_group)).abs().max()), float((grad - ref_grad).abs().max())
+
+
+def state_layout(ctx, tp, cp):
+    import torch.distributed as dist
+
+    from dist_mha.parallel import build_parallel_state
+
+    s = build_parallel_state(tp, cp)
+    ranks = dist.get_process_group_ranks
+    return dict(rank=dist.get_rank(), tp=ranks(s.tp_group), cp=ranks(s.cp_group), dp_cp=ranks(s.dp_cp_group),
+                sizes=(s.tp_size, s.cp_size, s.dp_size))

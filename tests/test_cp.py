@@ -128,3 +128,13 @@ def test_decoder_lm_under_tp_x_cp_matches_one_device(rank_pool, mode, nkv):
             continue
         for logit_err, grad_err in rank_pool.run(cp_tasks.decoder_under_cp, tp, cp, mode, nkv):
             assert logit_err < 1e-10 and grad_err < 1e-10
+
+
+def test_parallel_state_lays_out_dp_x_cp_x_tp(rank_pool):
+    import cp_tasks as t
+
+    for info in rank_pool.run(t.state_layout, 2, 2):
+        r = info["rank"]
+        assert info["tp"] == [r - r % 2, r - r % 2 + 1]
+        assert info["cp"] == [r % 2, r % 2 + 2]
+        assert info["dp_cp"] == [r % 2, r % 2 + 2] and info["sizes"] == (2, 2, 1)

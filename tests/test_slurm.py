@@ -60,3 +60,17 @@ def test_hydra_submitit_sweep_runs_two_task_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["step"] for r in metrics(tmp_path / "0")] == [5]
     assert [r["step"] for r in metrics(tmp_path / "1")] == [5, 10]
+
+
+@needs_slurm
+def test_sbatch_single_node_with_context_parallelism(tmp_path):
+    run_dir = tmp_path / "run"
+    e = env()
+    e.update(RUN_DIR=str(run_dir), NPROC_PER_NODE="2", TP="1", CP="2", CP_MODE="ring", PYTHON=sys.executable)
+    script = ROOT / "slurm" / "single_node.sbatch"
+    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--output={tmp_path}/job.out", str(script), *TINY],
+                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=400)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert proc.returncode == 0, proc.stderr + log[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world"], summary["tp"], summary["cp"]) == (2, 1, 2)

@@ -95,8 +95,19 @@ class TextBytes:
 
 
 def make_data(cfg, seed: int):
+    """The data source of a `data` config (`packing` set: variable-length documents, see packing.py)."""
+    from dist_mha.train.packing import RecallDocuments, TextDocuments
+
+    packing = cfg.get("packing")
+    if packing not in (None, True, False):
+        raise ValueError(f"Received data.packing={packing!r}, expected null, true or false.")
     if cfg.name == "recall":
+        if packing is not None:
+            return RecallDocuments(cfg.num_keys, cfg.num_values, cfg.min_pairs, cfg.max_pairs, int(cfg.docs_per_step),
+                                   cfg.packed_len, packing, seed)
         return AssociativeRecall(cfg.num_keys, cfg.num_values, cfg.num_pairs, cfg.get("num_queries"), seed)
     if cfg.name == "text":
+        if packing is not None:
+            return TextDocuments(cfg.path, cfg.seq_len, int(cfg.docs_per_step), packing, seed)
         return TextBytes(cfg.path, cfg.seq_len, seed)
     raise ValueError(f"Received data.name={cfg.name!r}, expected 'recall' or 'text'.")

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from dist_mha.core.rng_streams import collect_streams
 from dist_mha.models.decoder import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
 from dist_mha.parallel.atomic_io import atomic_write
 from dist_mha.parallel.grads import clip_grad_norm_
 from dist_mha.train import checkpointing
+from dist_mha.train.batches import loss_share, step_batch, sum_grads
 from dist_mha.train.data import make_data
 from dist_mha.train.distributed import group_timeouts, init_distributed, set_group_timeouts, shutdown
 from dist_mha.train.faults import inject
@@ -62,19 +63,6 @@ def _lr(cfg, step):
     return cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _allreduce_grads(params, group, size):
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def _truncate_metrics(path: Path, last_step: int) -> int:
     """Drops metrics of steps after the one we start from, so each step is logged once; returns rows dropped."""
     if not path.is_file():
@@ -101,12 +89,17 @@ def train(cfg, run_dir, on_start=None) -> dict:
     requested, lock, started = Path(run_dir), None, False
     try:
         run_dir = agree_run_dir(requested)
-        tp = int(cfg.parallel.tp)
-        if info.world_size % tp:
-            raise ValueError(f"Received parallel.tp={tp} with {info.world_size} processes; tp must divide the world size.")
-        dp = info.world_size // tp
+        tp, cp = int(cfg.parallel.tp), int(cfg.parallel.get("cp", 1))
+        if info.world_size % (tp * cp):
+            raise ValueError(f"Received parallel.tp={tp} and parallel.cp={cp} with {info.world_size} processes; "
+                             "tp * cp must divide the world size.")
+        dp = info.world_size // (tp * cp)
         if cfg.parallel.dp not in (None, "auto") and int(cfg.parallel.dp) != dp:
-            raise ValueError(f"Received parallel.dp={cfg.parallel.dp} but world {info.world_size} / tp {tp} gives dp={dp}.")
+            raise ValueError(f"Received parallel.dp={cfg.parallel.dp} but world {info.world_size} / (tp {tp} x cp {cp}) "
+                             f"gives dp={dp}.")
+        if cp > 1 and cfg.launcher.name == "deepspeed":
+            raise ValueError("parallel.cp > 1 runs with launcher=torchrun: DeepSpeed averages gradients over its data-"
+                             "parallel group, which would have to span DP x CP. Drop launcher=deepspeed or set parallel.cp=1.")
         data = make_data(cfg.data, cfg.train.seed)
         kind = "deepspeed" if cfg.launcher.name == "deepspeed" else "tp"
         run_config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -133,7 +126,7 @@ def train(cfg, run_dir, on_start=None) -> dict:
         started = True
         _setup_logging(run_dir, info.is_main)
         try:
-            return _run(cfg, info, run_dir, plan, data, kind, run_config, tp, dp)
+            return _run(cfg, info, run_dir, plan, data, kind, run_config, tp, dp, cp)
         except BaseException as e:
             if info.is_main:
                 log.exception("the run failed at this error (the traceback follows)")
@@ -155,29 +148,45 @@ def train(cfg, run_dir, on_start=None) -> dict:
             lock.release()
 
 
-def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: int, dp: int) -> dict:
+def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: int, dp: int, cp: int) -> dict:
     timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
     for note in plan.notes:
         log.warning(note)
     torch.manual_seed(cfg.train.seed)
-    state = build_parallel_state(tp, timeout=timeout)
+    state = build_parallel_state(tp, cp, timeout=timeout)
     seq_len = data.seq_len
     if cfg.parallel.sequence_parallel and seq_len % tp:
         raise ValueError(f"Sequence parallelism needs seq_len divisible by parallel.tp={tp}; the data gives {seq_len}.")
+    if cp > 1:
+        if hasattr(data, "multiple"):
+            data.multiple = 2 * cp  # padded rows of documents split into 2*cp chunks too
+        if seq_len % (2 * cp):
+            raise ValueError(f"Context parallelism over parallel.cp={cp} ranks cuts each row into 2*cp = {2 * cp} "
+                             f"equal chunks; the data gives rows of {seq_len} tokens. Choose cp (or the data's length) "
+                             "so that 2*cp divides it.")
     dtype = _DTYPES[cfg.train.dtype]
     m = cfg.model
+    cp_args = {"cp_group": state.cp_group, "cp_mode": cfg.parallel.get("cp_mode", "ring")} if cp > 1 else {}
     model = DecoderLM(data.vocab_size, seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio, m.dropout,
                       m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=state.tp_group,
-                      sequence_parallel=cfg.parallel.sequence_parallel,
+                      sequence_parallel=cfg.parallel.sequence_parallel, **cp_args,
                       dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    manifest = {"config": run_config, "tp": tp, "dp": dp, "world": info.world_size}
+    manifest = {"config": run_config, "tp": tp, "cp": cp, "dp": dp, "world": info.world_size}
 
     step = plan.step
     metrics_path = run_dir / "metrics.jsonl"
     if plan.resume_dir is not None and kind == "tp":
+        own_seeds = {id(st): st.seed for st in collect_streams(model)}
         meta = checkpointing.load(Path(plan.resume_dir), model, opt, tp_rank=state.tp_rank, tp_size=tp)
+        if state.cp_rank > 0:
+            # The checkpoint holds CP rank 0's streams; streams of this rank's own rows (per-rank attention
+            # dropout under Ulysses, residual dropout) restart from this rank's seeds instead of copying rank 0's.
+            for st in collect_streams(model):
+                if st.name in ("attention_dropout", "residual"):
+                    st.seed = own_seeds[id(st)]
+                    st.restore({})
         if info.is_main:
             log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", plan.resume_dir, step, meta["tp"], tp)
     engine = None
@@ -204,32 +213,28 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
             log.warning("dropped %d metrics rows after step %d: those steps run again", dropped, step)
         n_params = sum(p.numel() for p in params)
         engine_name = f"DeepSpeed ZeRO-{int(cfg.launcher.zero_stage)}" if engine is not None else "PyTorch"
-        log.info("run dir %s | world %d = tp %d x dp %d | %s | %d local parameters | launched by %s | %s | "
-                 "%d threads", run_dir, info.world_size, tp, dp, info.device, n_params, describe_launch(info.world_size),
-                 engine_name, torch.get_num_threads())
+        log.info("run dir %s | world %d = tp %d x cp %d x dp %d | %s | %d local parameters | launched by %s | %s | "
+                 "%d threads", run_dir, info.world_size, tp, cp, dp, info.device, n_params,
+                 describe_launch(info.world_size), engine_name, torch.get_num_threads())
         if dist.is_initialized():
             log.info("process group timeouts (s): %s", sorted(set(group_timeouts().values())))
-    tokens_per_step = cfg.train.batch_size * seq_len * dp
-    t_last, losses = time.perf_counter(), []
+    t_last, losses, seen = time.perf_counter(), [], 0.0
     model.train()
     while step < cfg.train.steps:
         inject(cfg, info, step, "step")
         lr = _lr(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        tokens, targets, mask = (t.to(info.device) for t in data.batch(step, state.dp_rank, cfg.train.batch_size))
-        logits = (engine or model)(tokens)
-        picked = logits[mask]
-        # Half-precision logits are upcast for a stable softmax; float64 stays float64.
-        loss = F.cross_entropy(picked.float() if picked.dtype in (torch.float16, torch.bfloat16) else picked, targets[mask])
+        batch = step_batch(data, step, state, cfg.train.batch_size, info.device)
+        logits = (engine or model)(batch.tokens, segment_ids=batch.segment_ids)
+        loss = loss_share(logits, batch, global_mean=engine is None)
         if engine is not None:
             engine.backward(loss)
             engine.step()
         else:
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if dp > 1:
-                _allreduce_grads(params, state.dp_group, dp)
+            sum_grads(params, state.dp_cp_group)  # each rank's share: the sum is the step's gradient
             if cfg.optim.grad_clip:
                 clip_grad_norm_(params, cfg.optim.grad_clip, state.tp_group)
             opt.step()
@@ -237,15 +242,18 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
         if step == plan.step + 1 and dist.is_initialized():
             set_group_timeouts(timeout)  # groups created lazily in the first step (e.g. gloo twins of NCCL groups)
         losses.append(loss.detach())
+        seen += batch.tokens_seen
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             mean = torch.stack(losses).mean()
-            if dp > 1:
+            if engine is not None and dp > 1:
                 dist.all_reduce(mean, group=state.dp_group)
                 mean /= dp
+            elif engine is None and dp * cp > 1:
+                dist.all_reduce(mean, group=state.dp_cp_group)  # the ranks' shares add up to the step's mean
             losses = []
             now = time.perf_counter()
-            tok_s = tokens_per_step * cfg.train.log_every / max(now - t_last, 1e-9)
-            t_last = now
+            tok_s = seen / max(now - t_last, 1e-9)  # non-padding tokens over every DP rank
+            t_last, seen = now, 0.0
             if info.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"step": step, "loss": mean.item(), "lr": lr, "tokens_per_s": round(tok_s, 1)}) + "\n")
@@ -258,12 +266,14 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
                 checkpointing.save_deepspeed(engine, run_dir, step, manifest)
             else:
                 meta = {"step": step, "tp": tp, "dp": dp, "torch_rng": torch.get_rng_state()}
+                # One writer per TP rank: DP rank 0 of CP rank 0 (the model is replicated over DP x CP).
                 checkpointing.save(run_dir, step, model, opt, meta, tp_rank=state.tp_rank, tp_size=tp,
-                                   dp_rank=state.dp_rank, manifest=manifest, after_shard=inject(cfg, info, step, "save"))
+                                   dp_rank=state.dp_rank + state.cp_rank, manifest=manifest,
+                                   after_shard=inject(cfg, info, step, "save"))
             if cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step:
                 break  # a clean interruption right after a checkpoint (resume tests, time limits)
 
-    summary = {"steps": step, "world": info.world_size, "tp": tp, "dp": dp, "chance_loss": data.chance_loss,
+    summary = {"steps": step, "world": info.world_size, "tp": tp, "cp": cp, "dp": dp, "chance_loss": data.chance_loss,
                "launched_by": describe_launch(info.world_size)}
     if info.is_main:
         rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln] if metrics_path.is_file() else []
