@@ -1,9 +1,10 @@
 """Picks the attention kernel for a call and says why.
 
-Order of preference: flash-attn, then SDPA, then the exact math path. Each
-backend lists its reasons for refusing an input; a forced backend that
-refuses raises a ValueError with every backend's reasons, so the user sees
-exactly what to change.
+Order of preference: flash-attn, then SDPA, then the exact math path, except
+that on sm90 and newer SDPA goes before FA2 unless the call is key-padded or
+has dropout (`flash.ranks_after_sdpa`). Each backend lists its reasons for
+refusing an input; a forced backend that refuses raises a ValueError with
+every backend's reasons, so the user sees exactly what to change.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
         wanted = "flash_attention=True"
     elif flash_attention is False:
         candidates = ["sdpa", "math"]
+        wanted = None
+    elif not reasons["flash"] and flash.ranks_after_sdpa(req):
+        candidates = ["sdpa", "flash", "math"]
         wanted = None
     else:
         candidates = list(BACKENDS)
