@@ -100,9 +100,13 @@ def agreed_random_base(group, device=None) -> int:
     """
     base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if tp_size_of(group) > 1:
-        dev = device if device is not None and torch.device(device).type == "cuda" else "cpu"
-        base = base.to(dev)
-        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=group)
+        if device is not None and torch.device(device).type == "cuda":
+            base, comm = base.to(device), group
+        else:
+            # Built without a CUDA device (e.g. eagerly, before `.to("cuda")`): an
+            # NCCL group rejects CPU tensors, so the draw travels on the group's gloo companion.
+            comm = cpu_group(group)
+        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=comm)
     return int(base.item())
 
 

@@ -1,0 +1,12 @@
+"""Tensor-parallel behaviour a GPU run depends on, checked in the gloo rank pool."""
+
+from __future__ import annotations
+
+import gpu_readiness_tasks as tasks
+
+
+def test_eager_build_without_device_on_an_nccl_group_agrees_over_gloo(rank_pool):
+    # NCCL rejects CPU tensors; the build-time draw must not be broadcast on the NCCL group itself.
+    bases = rank_pool.run(tasks.eager_build_on_nccl_group, 2)
+    assert bases[0] == bases[1] and bases[2] == bases[3]  # TP groups (0, 1) and (2, 3)
+    assert len(set(bases)) == 2  # each group agreed on its own rank 0's draw
