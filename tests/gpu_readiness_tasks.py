@@ -49,3 +49,48 @@ def eager_build_on_nccl_group(ctx, tp):
         base = sharding.agreed_random_base(group)
         MultiHeadAttention(4, 3, query_shape=E, tp_group=group, check_ranks=False)
     return base
+
+
+def region_without_copies(ctx, tp):
+    """The output all-reduce sums the partial output in place; one entered tensor's gradient is all-reduced
+    where it arrives. Returns (checks, gradient errors)."""
+    from dist_mha.parallel import region
+
+    group = ctx.group(tp)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    gen = torch.Generator().manual_seed(0)
+    w_all = [torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(world)]
+    x_all = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+
+    # Leaving: out = sum over ranks of partial_r (+ bias once); dL/dW_r = x^T dout.
+    w = w_all[rank].clone().requires_grad_()
+    bias = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    partial = (x_all @ w).view(2, 2, 5)  # a view, as the output projection's result is
+    ptr = partial.data_ptr()
+    out = region.leave(group, False, partial, bias)
+    inplace_leave = partial.data_ptr() == ptr and torch.allclose(partial, out - bias, rtol=0, atol=1e-12)
+    expected = sum(x_all @ wr for wr in w_all).view(2, 2, 5) + bias
+    dout = torch.randn(2, 2, 5, generator=gen, dtype=torch.float64)
+    out.backward(dout)
+    errors = [(out - expected).abs().max().item(), (w.grad - x_all.t() @ dout.view(4, 5)).abs().max().item()]
+
+    # Entering one tensor: backward is one all-reduce of the incoming gradient, with no copy in between.
+    x = x_all.clone().requires_grad_()
+    entered = region.enter(group, False, x)[0]
+    arrived, reduced = [], []
+    entered.register_hook(lambda g: arrived.append(g.data_ptr()))
+    real = dist.all_reduce
+
+    def spy(t, *args, **kwargs):
+        reduced.append(t.data_ptr())
+        return real(t, *args, **kwargs)
+
+    dist.all_reduce = spy
+    try:
+        (entered @ w_all[rank]).sum().backward()
+    finally:
+        dist.all_reduce = real
+    expected_grad = sum(torch.ones(4, 5, dtype=torch.float64) @ wr.t() for wr in w_all)
+    errors.append((x.grad - expected_grad).abs().max().item())
+    inplace_enter = len(reduced) == 1 and reduced == arrived
+    return {"inplace_leave": inplace_leave, "inplace_enter": inplace_enter}, errors

@@ -10,3 +10,10 @@ def test_eager_build_without_device_on_an_nccl_group_agrees_over_gloo(rank_pool)
     bases = rank_pool.run(tasks.eager_build_on_nccl_group, 2)
     assert bases[0] == bases[1] and bases[2] == bases[3]  # TP groups (0, 1) and (2, 3)
     assert len(set(bases)) == 2  # each group agreed on its own rank 0's draw
+
+
+def test_tp_region_communicates_without_copies(rank_pool):
+    for tp in (2, 4):
+        for checks, errors in rank_pool.run(tasks.region_without_copies, tp):
+            assert checks == {"inplace_leave": True, "inplace_enter": True}
+            assert max(errors) < 1e-12
