@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_mha import MultiHeadAttention
+from dist_mha import GroupQueryAttention, MultiHeadAttention
 
 
 def keras():
@@ -14,12 +14,16 @@ def keras():
     return pytest.importorskip("keras", minversion="3.15")
 
 
-def make_pair(layer_kwargs, query_shape, value_shape, key_shape=None, dtype=torch.float32, **torch_kwargs):
-    """A built Keras layer and a dist_mha layer holding the Keras layer's weights."""
+def make_pair(layer_kwargs, query_shape, value_shape, key_shape=None, dtype=torch.float32, layer="MultiHeadAttention",
+              **torch_kwargs):
+    """A built Keras layer and a dist_mha layer holding the Keras layer's weights.
+
+    `layer`: "MultiHeadAttention" or "GroupQueryAttention" (the same name on both sides).
+    """
     k = keras()
-    k_layer = k.layers.MultiHeadAttention(**layer_kwargs)
+    k_layer = getattr(k.layers, layer)(**layer_kwargs)
     k_layer.build(query_shape, value_shape, key_shape)
-    ours = MultiHeadAttention(
+    ours = {"MultiHeadAttention": MultiHeadAttention, "GroupQueryAttention": GroupQueryAttention}[layer](
         **layer_kwargs, query_shape=query_shape, value_shape=value_shape, key_shape=key_shape, dtype=dtype, **torch_kwargs
     )
     ours.set_weights(k_layer.get_weights())

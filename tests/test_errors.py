@@ -308,7 +308,7 @@ def _call_cases():
         ("query_value_batch_mismatch", (x, torch.randn(3, S, D)), {}, ("value", "(3, 5, 8)", "(2, 3, 8)")),
         ("query_mask_wrong_length", (x, v), dict(query_mask=ones(B, S)), ("query_mask", "(2, 5)")),
         ("query_mask_with_features", (x, v), dict(query_mask=ones(B, T, D)), ("query_mask", "(2, 3, 8)")),
-        ("query_mask_not_array", (x, v), dict(query_mask="abc"), ("query_mask", "str")),
+        ("query_mask_not_array", (x, v), dict(query_mask="abc"), ("query_mask", "query_mask='abc'")),
         ("value_mask_wrong_length", (x, v), dict(value_mask=ones(B, T)), ("value_mask", "(2, 3)")),
         ("value_mask_wrong_batch", (x, v), dict(value_mask=ones(1, S)), ("value_mask", "(1, 5)")),
         ("key_mask_wrong_length", (x, v), dict(key_mask=ones(B, 4)), ("key_mask", "(2, 4)")),
@@ -508,3 +508,59 @@ def test_set_weights_valid_does_not_raise_and_copies():
     layer.set_weights(w)
     for p in layer.weights:
         assert torch.all(p == 0.25)
+
+
+# --------------------------------------------------------------------------------------
+# Keras's own error phrases (Keras's test suite matches them) and non-tensor masks
+# --------------------------------------------------------------------------------------
+def test_attention_axes_error_carries_keras_phrase():
+    with pytest.raises(ValueError, match=r"`attention_axes` must be an int, list, or tuple\.") as info:
+        MultiHeadAttention(num_heads=2, key_dim=4, attention_axes="ab")
+    assert "Received: attention_axes='ab'" in str(info.value)
+
+
+def test_output_shape_error_carries_keras_phrase():
+    with pytest.raises(ValueError, match=r"Invalid `output_shape`") as info:
+        MultiHeadAttention(num_heads=2, key_dim=16, output_shape=8.0)
+    assert "Received: output_shape=8.0" in str(info.value)
+
+
+@pytest.mark.parametrize("layer", ["mha", "gqa"])
+def test_key_value_shape_mismatch_says_must_be_equal(layer):
+    from dist_mha import GroupQueryAttention
+
+    make = (lambda: MultiHeadAttention(num_heads=4, key_dim=2, value_dim=2)) if layer == "mha" else (
+        lambda: GroupQueryAttention(head_dim=2, num_query_heads=4, num_key_value_heads=4))
+    query_shape, value_shape, key_shape = (2, 4, 8), (2, 2, 8), (2, 3, 8)
+    with pytest.raises(ValueError, match=r"must be equal"):
+        make().compute_output_shape(query_shape, value_shape, key_shape)
+    with pytest.raises(ValueError, match=r"(?s)must be equal.*Received"):
+        make()(torch.ones(query_shape), torch.ones(value_shape), torch.ones(key_shape))
+
+
+@pytest.mark.parametrize("bad,text", [("causal", "attention_mask='causal'"), (object(), "an object of type object"),
+                                      (3, "attention_mask=3"), (True, "attention_mask=True")])
+def test_non_tensor_attention_mask_raises_naming_argument_and_value(bad, text):
+    q, v = inputs()
+    with pytest.raises(ValueError, match=names_and_value("`attention_mask`", text, "expected a bool tensor")):
+        built()(q, v, attention_mask=bad)
+
+
+def test_string_attention_mask_points_to_use_causal_mask():
+    q, v = inputs()
+    with pytest.raises(ValueError, match="use_causal_mask=True"):
+        built()(q, v, attention_mask="causal")
+
+
+def test_nested_list_attention_mask_still_works():
+    q, v = inputs()
+    mask = [[[True] * S] * T] * B
+    torch.testing.assert_close(built()(q, v, attention_mask=mask).shape, torch.Size([B, T, D]))
+
+
+@pytest.mark.parametrize("bad,text", [({"query": 1}, "weights of type dict with keys ['query']"),
+                                      ("weights", "weights of type str")])
+def test_set_weights_with_a_dict_or_string_says_what_it_expects(bad, text):
+    layer = built()
+    with pytest.raises(ValueError, match=names_and_value("`weights`", text, "get_weights() order", "load_state_dict")):
+        layer.set_weights(bad)

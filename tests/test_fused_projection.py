@@ -45,7 +45,7 @@ def _layer(use_bias=True, use_gate=False, E=16, dtype=torch.float64, value_dim=3
 @pytest.mark.parametrize("use_gate", [False, True], ids=["no_gate", "gate"])
 def test_fused_projection_matches_separate_projections_values_and_grads(concat, tokens, use_bias, use_gate):
     layer = _layer(use_bias, use_gate)
-    projs = layer._self_projections()
+    projs = layer._projections()
     x = torch.randn(*tokens, 16, dtype=torch.float64, requires_grad=True)
     probes = [torch.randn(*tokens, *p.out_dims, dtype=torch.float64) if p is not None else None for p in projs]
 
@@ -67,7 +67,7 @@ def test_fused_projection_matches_separate_projections_values_and_grads(concat, 
 def test_fused_projection_keeps_nothing_weight_sized_for_backward(concat):
     tokens = (4, 8)
     layer = _layer(E=16)
-    projs = layer._self_projections()
+    projs = layer._projections()
     param_ptrs = {p.data_ptr() for p in layer.parameters()}
     x = torch.randn(*tokens, 16, dtype=torch.float64, requires_grad=True)
     saved = []
@@ -101,7 +101,7 @@ def test_self_attention_backward_copies_no_weights_or_activations(concat):
 
 def test_fused_projection_follows_input_dtype_and_autocast(concat):
     layer = _layer(E=16, dtype=torch.float32)
-    projs = layer._self_projections()
+    projs = layer._projections()
     x = torch.randn(4, 8, 16)
     ref = fused_self_projection(projs, x)
     low = fused_self_projection(projs, x.to(torch.bfloat16))

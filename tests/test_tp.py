@@ -166,3 +166,19 @@ def test_compile_under_tp_breaks_only_for_the_rank_check(rank_pool, sp):
     for graphs, breaks, reasons, same in rank_pool.run(tp_tasks.compile_graph_breaks, 2, True, sp):
         assert breaks == 1 and graphs == 2, reasons
         assert same
+
+
+@pytest.mark.parametrize("what", ["mask_transposed", "feature_dim", "dtype"])
+def test_ranks_that_disagree_on_masks_features_or_dtype_all_raise(rank_pool, what):
+    messages = rank_pool.run(tp_tasks.disagreeing_call, 2, what, timeout=60)
+    assert all(m is not None for m in messages), messages
+    if what == "mask_transposed":
+        assert all("query_mask.shape" in m for m in messages)
+        assert "query_mask.shape=(2, 8)" in messages[0] and "query_mask.shape=(8, 2)" in messages[1]
+    if what == "feature_dim":
+        # Rank 1's own check names its input; rank 0 learns that another rank rejected its inputs.
+        assert "`query`" in messages[1] and "13" in messages[1]
+        assert "Another rank" in messages[0]
+    if what == "dtype":
+        assert all("query.dtype" in m for m in messages)
+        assert any("float64" in m for m in messages) and any("float32" in m for m in messages)

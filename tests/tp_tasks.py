@@ -335,3 +335,23 @@ def compile_graph_breaks(ctx, tp, check_ranks, sequence_parallel):
     compiled = torch.compile(layer, backend="eager")(x, x, use_causal_mask=True)
     same = bool(torch.equal(compiled, layer(x, x, use_causal_mask=True)))
     return e.graph_count, e.graph_break_count, sorted({str(b.reason).splitlines()[0] for b in e.break_reasons}), same
+
+
+def disagreeing_call(ctx, tp, what):
+    """One rank passes something different; returns every rank's error message (None if none raised)."""
+    group = ctx.group(tp)
+    layer = MultiHeadAttention(4, 3, query_shape=E, tp_group=group)
+    rank = dist.get_rank(group)
+    q = torch.randn(B, T, E)
+    kwargs = {}
+    if what == "mask_transposed":  # same element count, other shape
+        kwargs["query_mask"] = torch.ones(B, T, dtype=torch.bool) if rank == 0 else torch.ones(T, B, dtype=torch.bool)
+    elif what == "feature_dim":
+        q = torch.randn(B, T, E + (rank == 1))
+    elif what == "dtype":
+        q = q.double() if rank == 1 else q
+    try:
+        layer(q, q, **kwargs)
+    except ValueError as err:
+        return str(err)
+    return None

@@ -92,35 +92,38 @@ class _FusedInProjection(torch.autograd.Function):
         return (dx, None, *dks, *dbs)
 
 
-def fused_self_projection(projections, x: torch.Tensor):
+def fused_self_projection(projections, x: torch.Tensor, weights=None):
     """Self-attention's q/k/[gate]/v projections of `x` as one fused call.
 
     Args:
         projections: `[query, key, gate or None, value]` `EinsumProjection`s
             over the same input features, all with or all without bias.
         x: `(..., D)`.
+        weights: optional `(kernel, bias)` per projection, used instead of
+            its parameters (replica-synced views under tensor parallelism).
 
     Returns:
         `(q, k, gate or None, v)`, each `(..., n, H)`, with the values the
         separate projections give (the gate's sigmoid applied).
     """
-    used = [p for p in projections if p is not None]
+    weights = weights or [None] * len(projections)
+    used = [(p, w or (p.kernel, p.bias)) for p, w in zip(projections, weights) if p is not None]
     lead, d = x.shape[:-1], x.shape[-1]
-    kernels = [p.kernel.reshape(d, -1) for p in used]
-    biases = [] if used[0].bias is None else [p.bias.reshape(-1) for p in used]
+    kernels = [k.reshape(d, -1) for _, (k, _) in used]
+    biases = [] if used[0][1][1] is None else [b.reshape(-1) for _, (_, b) in used]
     if torch.is_grad_enabled():
         ys = _FusedInProjection.apply(x.reshape(-1, d), len(kernels), *kernels, *biases)
     else:  # inference: the same GEMMs without the autograd.Function machinery (~20 us a call)
         ys = _project_MD(x.reshape(-1, d), kernels, biases)[0]
     outs = []
-    for p, part in zip(used, ys):
+    for (p, _), part in zip(used, ys):
         part = part.view(*lead, *p.out_dims)
         outs.append(torch.sigmoid(part) if p.activation == "sigmoid" else part)
     it = iter(outs)
     return tuple(None if p is None else next(it) for p in projections)
 
 
-def project(projections, query, key, value):
+def project(projections, query, key, value, weights=None):
     """`(q, k, gate or None, v)`; the projections of one tensor run as one fused node.
 
     Self-attention fuses all of them; cross-attention with `key=None` fuses
@@ -129,7 +132,10 @@ def project(projections, query, key, value):
     Args:
         projections: `[query, key, gate or None, value]` `EinsumProjection`s.
         query, key, value: the (entered) call inputs; identity decides the fusion.
+        weights: optional `[(kernel, bias) or None]` per projection, used
+            instead of its parameters.
     """
+    weights = weights or [None] * 4
     xs = (query, key, query, value)
     out = [None] * 4
     for i, (proj, x) in enumerate(zip(projections, xs)):
@@ -137,8 +143,9 @@ def project(projections, query, key, value):
             continue
         same = [j for j in range(i, 4) if projections[j] is not None and xs[j] is x]
         if len(same) == 1:
-            out[i] = proj(x)
+            out[i] = proj(x, weights=weights[i])
             continue
-        for j, y in zip(same, fused_self_projection([projections[j] for j in same], x)):
+        fused = fused_self_projection([projections[j] for j in same], x, [weights[j] for j in same])
+        for j, y in zip(same, fused):
             out[j] = y
     return tuple(out)

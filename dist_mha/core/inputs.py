@@ -14,23 +14,94 @@ from dist_mha.parallel import sharding
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout):
-    """Under TP: one small all-reduce proving every rank passes the same shapes and flags."""
+def check_cache_call(layer, cache, query, value, causal) -> None:
+    """A call with `cache=`: rank-3 inputs, no sequence parallelism, causal calls add one key per query."""
+    from dist_mha.core.kv_cache import KVCache
+
+    if not isinstance(cache, KVCache):
+        raise ValueError(
+            "Received an invalid value for argument `cache`, expected a dist_mha KVCache from "
+            f"layer.init_cache(batch_size, max_length). Received: cache of type {type(cache).__name__}"
+        )
+    if query.dim() != 3:
+        raise ValueError(f"KV-cache decoding takes rank-3 inputs (batch, seq, features). Received: query.shape={tuple(query.shape)}")
+    if layer.sequence_parallel and layer.tp_size > 1:
+        raise ValueError(
+            "KV-cache decoding runs without sequence parallelism (a decoding step has one position). Build the "
+            "layer (or model) for generation with sequence_parallel=False: the weights are the same."
+        )
+    if causal and value.shape[1] != query.shape[1]:
+        raise ValueError(
+            "With use_causal_mask=True and a cache, each call appends the keys of its own positions: `value` must "
+            f"have the query's length. Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
+        )
+
+
+_MASK_DTYPES = ("bool", "int", "float", "other")
+_CHECK_VALUES = 1 + 3 * 10 + 4 * 3 + 4  # the flag, query/value/key, four masks, call flags
+
+
+def _mask_signature(m) -> tuple[int, int, int, str]:
+    """`(ndim, shape hash, dtype kind, shape text)` of a mask argument; ndim -1 for None.
+
+    Python hashes tuples of ints the same in every process, so equal shapes
+    give equal hashes on every rank.
+    """
+    if m is None:
+        return -1, 0, -1, "None"
+    shape = tuple(np.shape(m)) if isinstance(m, (torch.Tensor, np.ndarray, list, tuple)) else ("not an array",)
+    dtype = getattr(m, "dtype", None)
+    kind = 0 if dtype in (torch.bool, np.bool_) else 1 if "int" in str(dtype) else 2 if "float" in str(dtype) else 3
+    return len(shape), hash(shape) & ((1 << 62) - 1), kind, str(shape)
+
+
+def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout, cache_length=-1,
+                  local_error=None):
+    """Under TP: one small all-reduce proving every rank passes the same shapes, dtypes and flags.
+
+    It runs before any collective of the call, so a rank whose inputs differ
+    (a mask of another shape, a wrong feature dim, a float64 input) makes every
+    rank raise a ValueError instead of one raising while the others wait in
+    the output all-reduce. `local_error`: the ValueError this rank's own input
+    checks raised; it is re-raised here, after the other ranks learned of it.
+    """
     if not layer.check_ranks:
         return
-    values, names = [], []
+    if local_error is not None:
+        try:
+            sharding.check_ranks_agree(layer._check_group, [1] + [0] * (_CHECK_VALUES - 1),
+                                       ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
+        except ValueError:
+            pass  # some ranks passed their checks; they raise their own message
+        raise local_error
+    values, names, shown = [0], ["inputs rejected"], ["no"]
     for name, x in (("query", query), ("value", value), ("key", key)):
         if x.dim() > 8:
             raise ValueError(f"Under tensor parallelism `{name}` may have at most 8 dims. Received: {name}.shape={tuple(x.shape)}")
         dims = list(x.shape) + [0] * (8 - x.dim())
         values += [x.dim(), *dims, FLOAT_DTYPES.index(x.dtype)]
         names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
+        shown += [str(x.dim()), *[str(d) for d in dims], str(x.dtype).replace("torch.", "")]
     for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask"), masks):
-        values.append(-1 if m is None else int(np.prod(np.shape(m))))
-        names.append(f"{name}.numel")
-    values += [int(return_scores), int(causal), int(dropout)]
-    names += ["return_attention_scores", "use_causal_mask", "dropout active"]
-    sharding.check_ranks_agree(layer._check_group, values, names)
+        ndim, shape_hash, kind, text = _mask_signature(m)
+        values += [ndim, shape_hash, kind]
+        names += [f"{name}.ndim", f"{name}.shape", f"{name}.dtype"]
+        shown += [str(ndim), text, "none" if kind < 0 else _MASK_DTYPES[kind]]
+    values += [int(return_scores), int(causal), int(dropout), cache_length]
+    names += ["return_attention_scores", "use_causal_mask", "dropout active", "cache.length"]
+    shown += [str(bool(return_scores)), str(bool(causal)), str(bool(dropout)), str(cache_length)]
+    assert len(values) == _CHECK_VALUES
+    try:
+        sharding.check_ranks_agree(layer._check_group, values, names, shown)
+    except ValueError as err:
+        if "inputs rejected" in str(err).split("(")[0]:
+            raise ValueError(
+                "Another rank of the tensor-parallel group rejected its inputs to this layer (its ValueError says "
+                "why); this rank's inputs passed the checks. Every rank must call the layer with the same "
+                "shapes and arguments."
+            ) from None
+        raise
+
 
 def check_inputs(layer, query, value, key):
     """Converts and validates `query`, `value`, `key`; builds the layer on first use."""
@@ -87,6 +158,7 @@ def check_inputs(layer, query, value, key):
                 f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
                 f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
             )
-    if layer.query_dense.kernel.device != query.device:
-        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {layer.query_dense.kernel.device}; move one of them (layer.to(device)).")
+    kernel = layer._modules["query"].kernel
+    if kernel.device != query.device:
+        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
     return query, value, key

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dist_mha.core.layout import AttentionLayout
@@ -33,8 +34,11 @@ class MaskSpec:
         q_keep_BT: `(B, T)` query rows to keep; dropped rows output zeros.
         k_keep_BS: `(B, S)` keys that may be attended (value & key masks).
         dense_BNTS: bool, broadcastable to `(B, N, T, S)`, or None.
-        causal: top-left aligned causal constraint on `(T, S)`.
-        window: sliding-window size (keys within `window - 1`), or None.
+        causal: causal constraint: query `i` sees key `j` iff `j <= i + q_offset`
+            (Keras's top-left alignment when `q_offset == 0`).
+        window: sliding-window size (keys within `window - 1` of `i + q_offset`), or None.
+        q_offset: key position of query row 0 (a KV cache's length; a
+            context-parallel block's offset). `S - T` is bottom-right alignment.
     """
 
     q_keep_BT: torch.Tensor | None = None
@@ -42,6 +46,7 @@ class MaskSpec:
     dense_BNTS: torch.Tensor | None = None
     causal: bool = False
     window: int | None = None
+    q_offset: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -67,7 +72,7 @@ class MaskSpec:
         if include_query and self.q_keep_BT is not None:
             parts.append(self.q_keep_BT[:, None, :, None])
         if self.causal or self.window is not None:
-            parts.append(positional_mask(T, S, self.causal, self.window, device)[None, None])
+            parts.append(positional_mask(T, S, self.causal, self.window, device, self.q_offset)[None, None])
         if not parts:
             return None
         mask = parts[0]
@@ -76,9 +81,12 @@ class MaskSpec:
         return mask
 
 
-def positional_mask(T: int, S: int, causal: bool, window: int | None, device) -> torch.Tensor:
-    """`(T, S)` bool: Keras's top-left causal (`i >= j`) and/or band `|i - j| < window`."""
-    rows = torch.arange(T, device=device)[:, None]
+def positional_mask(T: int, S: int, causal: bool, window: int | None, device, q_offset: int = 0) -> torch.Tensor:
+    """`(T, S)` bool: causal (`i + q_offset >= j`) and/or band `|i + q_offset - j| < window`.
+
+    `q_offset=0` is Keras's top-left alignment.
+    """
+    rows = torch.arange(q_offset, q_offset + T, device=device)[:, None]
     cols = torch.arange(S, device=device)[None, :]
     keep = torch.ones(T, S, dtype=torch.bool, device=device)
     if causal:
@@ -90,14 +98,23 @@ def positional_mask(T: int, S: int, causal: bool, window: int | None, device) ->
 
 def _as_bool_mask(mask, name: str, expected_shape, device) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
+        # Arrays and nested lists convert; strings, scalars and other objects are
+        # mistakes (a bare True or 1 would silently broadcast to "attend everywhere").
+        received = mask
+        convertible = isinstance(mask, (list, tuple)) or hasattr(mask, "__array__")
         try:
-            mask = torch.as_tensor(mask)
-        except Exception as err:
+            mask = torch.as_tensor(np.asarray(mask)) if convertible else None
+        except Exception:
+            mask = None
+        if mask is None or mask.dim() == 0:
+            expected = (f"a bool tensor or array of shape {tuple(expected_shape)} (the input's shape without its "
+                        "feature dim)" if expected_shape is not None else
+                        "a bool tensor or array broadcastable to the attention scores, e.g. (B, T, S), True to attend")
+            text = repr(received) if isinstance(received, (str, int, float, bool)) else f"an object of type {type(received).__name__}"
             raise ValueError(
-                f"Received an invalid value for argument `{name}`, expected a tensor "
-                f"or array of shape {tuple(expected_shape)}. Received: {name} of type "
-                f"{type(mask).__name__}"
-            ) from err
+                f"Received an invalid value for argument `{name}`, expected {expected}. Received: {name}={text}"
+                + (". For causal attention pass use_causal_mask=True." if name == "attention_mask" and isinstance(received, str) else "")
+            )
     if expected_shape is not None and tuple(mask.shape) != tuple(expected_shape):
         raise ValueError(
             f"Received an invalid value for argument `{name}`, expected shape "

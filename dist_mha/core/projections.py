@@ -1,9 +1,11 @@
-"""The dense projections of multi-head attention, with Keras-layout kernels.
+"""The dense projections of attention, with Keras-layout kernels.
 
-Shape legend: D input features, N heads, H head size, O output features.
+Shape legend: D input features, N query heads, K key/value heads, H head
+size, O output features.
 
-Keras's EinsumDense kernels are `(D, N, H)` for query/key/value and
-`(N, Hv, *output_shape)` for the output. They are stored in that layout so
+Keras's EinsumDense kernels are `(D, N, H)` for query (and gate), `(D, K, H)`
+for key/value (K == N for multi-head attention), and `(N, Hv, *output_shape)`
+for the output. They are stored in that layout so
 `get_weights`/`set_weights` are copies, and so a tensor-parallel rank can own
 a contiguous block of heads. The einsum is one GEMM on flattened views.
 """
@@ -40,6 +42,7 @@ class EinsumProjection(nn.Module):
     def __init__(
         self, name, in_dims, out_dims, use_bias, equation, *, activation=None, dtype=None, device=None,
         kernel_shard_dim=None, bias_shard_dim=None, global_kernel_shape=None, global_bias_shape=None,
+        shard_units=1, replicas=1,
     ):
         super().__init__()
         self.name = name
@@ -55,14 +58,20 @@ class EinsumProjection(nn.Module):
         self.bias_shard_dim = bias_shard_dim
         self.global_kernel_shape = tuple(global_kernel_shape or self.kernel.shape)
         self.global_bias_shape = tuple(global_bias_shape or self.out_dims)
+        # The sharded dim holds `shard_units` heads in full; each is held by
+        # `replicas` ranks (> 1 only for key/value heads fewer than TP ranks).
+        self.shard_units = shard_units
+        self.replicas = replicas
 
     @property
     def partial_output_shape(self):
         return self.out_dims
 
-    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True, weights=None) -> torch.Tensor:
+        """`weights`: optional `(kernel, bias)` to use instead of the parameters (replica-synced views)."""
         lead = x.shape[: x.dim() - len(self.in_dims)]
-        kernel, bias = self.kernel, (self.bias if add_bias else None)
+        kernel, bias = weights if weights is not None else (self.kernel, self.bias)
+        bias = bias if add_bias else None
         if x.dtype != kernel.dtype and not torch.is_autocast_enabled(x.device.type):
             # The output follows the input's dtype (Keras would autocast to its policy).
             kernel = kernel.to(x.dtype)
@@ -92,35 +101,41 @@ def projection_equation(free_dims: int, bound_dims: int, output_dims: int) -> st
 def build_projections(layer, dq: int, dv: int, dk: int, rank: int) -> list[EinsumProjection]:
     """The layer's projections in Keras's weight order, holding this TP rank's heads.
 
-    q/k/[gate]/v kernels `(D, n, H)` are shards of `(D, N, H)` on dim 1 (biases
-    on dim 0); the output kernel `(n, Hv, *out)` is a shard of `(N, Hv, *out)`
-    on dim 0 and its bias is replicated. `n = N / tp`.
+    q/[gate] kernels `(D, n, H)` are shards of `(D, N, H)` on dim 1 (biases on
+    dim 0), `n = N / tp`; k/v kernels `(D, k, H)` are shards of `(D, K, H)`,
+    `k = K / tp`, or one replicated head when `K < tp`; the output kernel
+    `(n, Hv, *out)` is a shard of `(N, Hv, *out)` on dim 0 and its bias is
+    replicated.
     """
-    N, H, Hv = layer._num_heads, layer._key_dim, layer._value_dim
+    N, K, H, Hv = layer._num_heads, layer._num_kv_heads, layer._key_dim, layer._value_dim
+    group = layer.tp_group
     n = N // layer.tp_size
+    k0, k1 = sharding.head_range(K, group)
+    kv_rep = sharding.replicas_of(K, group)
     out = layer._output_shape or (dq,)
     in_eq = projection_equation(rank - 1, 1, 2)
-    # (name, in dims, local out dims, global kernel, kernel shard dim, bias shard dim, equation, activation)
-    specs = [("query", (dq,), (n, H), (dq, N, H), 1, 0, in_eq, None),
-             ("key", (dk,), (n, H), (dk, N, H), 1, 0, in_eq, None)]
+    # (name, in dims, local out dims, global kernel, kernel shard dim, bias shard dim, units, replicas, equation, activation)
+    specs = [("query", (dq,), (n, H), (dq, N, H), 1, 0, N, 1, in_eq, None),
+             ("key", (dk,), (k1 - k0, H), (dk, K, H), 1, 0, K, kv_rep, in_eq, None)]
     if layer._use_gate:
-        specs.append(("gate", (dq,), (n, Hv), (dq, N, Hv), 1, 0, in_eq, "sigmoid"))
-    specs.append(("value", (dv,), (n, Hv), (dv, N, Hv), 1, 0, in_eq, None))
-    specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None,
+        specs.append(("gate", (dq,), (n, Hv), (dq, N, Hv), 1, 0, N, 1, in_eq, "sigmoid"))
+    specs.append(("value", (dv,), (k1 - k0, Hv), (dv, K, Hv), 1, 0, K, kv_rep, in_eq, None))
+    specs.append(("attention_output", (n, Hv), out, (N, Hv, *out), 0, None, N, 1,
                   projection_equation(rank - 1, 2, len(out)), None))
     projs = []
-    for name, in_dims, out_dims, global_kernel, k_dim, b_dim, eq, act in specs:
+    for name, in_dims, out_dims, global_kernel, k_dim, b_dim, units, reps, eq, act in specs:
         proj = EinsumProjection(
             name, in_dims, out_dims, layer._use_bias, eq, activation=act, dtype=layer._param_dtype,
             device=layer._device, kernel_shard_dim=k_dim, bias_shard_dim=b_dim, global_kernel_shape=global_kernel,
             global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
+            shard_units=units, replicas=reps,
         )
-        mark_sharded(proj.kernel, proj.bias if b_dim is not None else None)
+        mark_sharded(proj.kernel, proj.bias if b_dim is not None else None, replicas=reps)
         projs.append(proj)
     return projs
 
 
-def initialize(proj: EinsumProjection, kernel_init, bias_init, base: int, num_heads: int, group) -> None:
+def initialize(proj: EinsumProjection, kernel_init, bias_init, base: int, group) -> None:
     """Fills `proj` with its block of the global initial weights.
 
     Fans come from the global kernel; each element's value depends only on
@@ -133,12 +148,12 @@ def initialize(proj: EinsumProjection, kernel_init, bias_init, base: int, num_he
     with torch.no_grad():
         kernel = kernel_init(
             k_shape, proj.kernel.dtype, device=proj.kernel.device, fan_in=fan_in, fan_out=fan_out, salt=salt,
-            base_seed=base, index=sharding.shard_index(k_shape, proj.kernel_shard_dim, num_heads, group),
+            base_seed=base, index=sharding.shard_index(k_shape, proj.kernel_shard_dim, proj.shard_units, group),
         )
         proj.kernel.copy_(torch.as_tensor(kernel))
         if proj.bias is not None:
             bias = bias_init(
                 proj.global_bias_shape, proj.bias.dtype, device=proj.bias.device, salt=100 + salt, base_seed=base,
-                index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, num_heads, group),
+                index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, proj.shard_units, group),
             )
             proj.bias.copy_(torch.as_tensor(bias))

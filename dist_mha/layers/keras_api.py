@@ -1,28 +1,42 @@
 """The Keras layer surface of `MultiHeadAttention` that is not the forward pass.
 
 Weights in Keras order and layout, configs, output shapes, regularisation
-losses and constraints. Mixed into `dist_mha.layers.multi_head_attention.MultiHeadAttention`.
+losses and constraints. Mixed into both Keras layers (`MultiHeadAttention`,
+`GroupQueryAttention`) over the engine's projections.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from dist_mha.keras_objects import constraints, initializers, regularizers
-from dist_mha.layers import config as cfg
+from dist_mha.core import config as cfg
 from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import region, sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
 
+class WeightInfo(NamedTuple):
+    """One Keras weight: its kind, the local parameter and how it is sharded."""
+
+    kind: str  # "kernel" or "bias"
+    param: torch.Tensor
+    dim: int | None  # shard dim, None when replicated on every TP rank
+    units: int  # heads (or features) the shard dim holds in full
+    replicas: int  # ranks holding each unit (> 1: replicated key/value heads)
+    global_shape: tuple
+
+
 class KerasLayerAPI:
     """Keras's `Layer` methods, over the projections the layer registered."""
 
     # -- weights ------------------------------------------------------------------
-    def _keras_weights(self):
-        """`[(kind, parameter, shard dim or None)]` in Keras's order: per sublayer, kernel then bias."""
+    def _keras_weights(self) -> list[WeightInfo]:
+        """The weights in Keras's order: per sublayer, kernel then bias."""
         out = []
         if not self.built:
             return out
@@ -30,15 +44,17 @@ class KerasLayerAPI:
             proj = self._modules.get(name)
             if proj is None:
                 continue
-            out.append(("kernel", proj.kernel, proj.kernel_shard_dim))
+            out.append(WeightInfo("kernel", proj.kernel, proj.kernel_shard_dim, proj.shard_units, proj.replicas,
+                                  proj.global_kernel_shape))
             if proj.bias is not None:
-                out.append(("bias", proj.bias, proj.bias_shard_dim))
+                out.append(WeightInfo("bias", proj.bias, proj.bias_shard_dim, proj.shard_units, proj.replicas,
+                                      proj.global_bias_shape))
         return out
 
     @property
     def weights(self) -> list[torch.Tensor]:
         """The parameters in Keras's order (empty before build)."""
-        return [p for _, p, _ in self._keras_weights()]
+        return [w.param for w in self._keras_weights()]
 
     @property
     def trainable(self) -> bool:
@@ -53,17 +69,18 @@ class KerasLayerAPI:
     def get_weights(self) -> list[np.ndarray]:
         """Returns the weights as numpy arrays in Keras's order and shapes.
 
-        Query kernel `(Dq, N, H)`, query bias `(N, H)`, key kernel `(Dk, N, H)`,
-        key bias, [gate kernel, gate bias,] value kernel `(Dv, N, Hv)`, value
-        bias `(N, Hv)`, output kernel `(N, Hv, *out)`, output bias `(*out)`;
+        Query kernel `(Dq, N, H)`, query bias `(N, H)`, key kernel `(Dk, K, H)`,
+        key bias `(K, H)`, [gate kernel `(Dq, N, Hv)`, gate bias,] value kernel
+        `(Dv, K, Hv)`, value bias `(K, Hv)`, output kernel `(N, Hv, *out)`,
+        output bias `(*out)` (K key/value heads: N for `MultiHeadAttention`);
         no biases when `use_bias=False`. bfloat16 weights come back as float32
         (numpy has no bfloat16). Under tensor parallelism the arrays are the
         full, unsharded weights (every rank of the group must call this).
         """
         arrays = []
-        for _, p, dim in self._keras_weights():
+        for w in self._keras_weights():
             with torch.no_grad():
-                t = sharding.gather_full(p.detach(), dim, self.tp_group)
+                t = sharding.gather_full(w.param.detach(), w.dim, self.tp_group, w.replicas)
             if t.dtype == torch.bfloat16:
                 t = t.float()
             arrays.append(t.cpu().numpy().copy())
@@ -84,25 +101,36 @@ class KerasLayerAPI:
                 f"Layer '{self.name}' has no weights yet: call build(query_shape, value_shape) "
                 "(or the layer once, or pass query_shape= to the constructor) before set_weights()."
             )
+        if isinstance(weights, (dict, str, bytes)) or not hasattr(weights, "__iter__"):
+            raise ValueError(
+                f"Received an invalid value for argument `weights` of set_weights() on layer '{self.name}', "
+                f"expected a list of {len(params)} arrays in get_weights() order (query kernel, query bias, ...). "
+                f"Received: weights of type {type(weights).__name__}"
+                + (f" with keys {list(weights)[:8]}" if isinstance(weights, dict) else "")
+                + ". Pass `layer.get_weights()`-style lists, or load a state dict with load_state_dict()."
+            )
         weights = list(weights)
         if len(weights) != len(params):
             raise ValueError(
                 f"You called `set_weights(weights)` on layer '{self.name}' with a weight list of "
                 f"length {len(weights)}, but the layer was expecting {len(params)} weights."
             )
-        for (_, p, dim), w in zip(params, weights):
-            full_shape = list(p.shape)
-            if dim is not None:
-                full_shape[dim] *= self.tp_size
-            if tuple(np.shape(w)) != tuple(full_shape):
+        for i, (info, w) in enumerate(zip(params, weights)):
+            if not isinstance(w, (np.ndarray, torch.Tensor, list, tuple, float, int)):
                 raise ValueError(
-                    f"Layer {self.name} weight shape {tuple(full_shape)} is not compatible with "
-                    f"provided weight shape {tuple(np.shape(w))}."
+                    f"Received an invalid value for weight {i} of set_weights() on layer '{self.name}', expected "
+                    f"an array of shape {info.global_shape}. Received: an object of type {type(w).__name__}"
+                )
+            if tuple(np.shape(w)) != tuple(info.global_shape):
+                raise ValueError(
+                    f"Layer {self.name} weight shape {tuple(info.global_shape)} is not compatible with "
+                    f"provided weight shape {tuple(np.shape(w))} (weight {i}, a {info.kind})."
                 )
         with torch.no_grad():
-            for (_, p, dim), w in zip(params, weights):
-                full = torch.as_tensor(np.asarray(w))
-                p.copy_(sharding.own_slice(full, dim, self.tp_group).to(device=p.device, dtype=p.dtype))
+            for info, w in zip(params, weights):
+                full = w.detach().cpu() if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
+                own = sharding.own_slice(full, info.dim, self.tp_group, info.replicas)
+                info.param.copy_(own.to(device=info.param.device, dtype=info.param.dtype))
 
     # -- checkpoints ----------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -111,15 +139,17 @@ class KerasLayerAPI:
         `dist_mha.parallel.checkpoint.reshard_state_dicts` reads it to load a
         checkpoint written at one TP degree into a layer at another.
         """
-        dims = {}
+        dims, units = {}, {}
         for name in _ORDER:
             proj = self._modules.get(name)
             if proj is not None:
                 dims[f"{name}.kernel"] = proj.kernel_shard_dim
+                units[f"{name}.kernel"] = proj.shard_units
                 if proj.bias is not None:
                     dims[f"{name}.bias"] = proj.bias_shard_dim
+                    units[f"{name}.bias"] = proj.shard_units
         streams = self.rng_streams() if self.built else ()
-        return tp_checkpoint.extra_state(self, dims, self._num_heads, "heads", streams)
+        return tp_checkpoint.extra_state(self, dims, self._num_heads, "heads", streams, tensor_units=units)
 
     def set_extra_state(self, state) -> None:
         rng = tp_checkpoint.check_extra_state(self, state, self.name)
@@ -129,21 +159,13 @@ class KerasLayerAPI:
                 by_name[name].load_state_dict(st)
 
     # -- config ---------------------------------------------------------------------
-    def get_config(self) -> dict:
-        """The constructor arguments, with Keras's keys and serialisations."""
+    def _base_config(self) -> dict:
+        """Keras's base-layer keys."""
+        return {"name": self.name, "trainable": self._trainable, "dtype": cfg.dtype_policy_config(self._param_dtype)}
+
+    def _objects_config(self) -> dict:
+        """The initializers, regularizers and constraints, serialised as Keras does."""
         return {
-            "name": self.name,
-            "trainable": self._trainable,
-            "dtype": cfg.dtype_policy_config(self._param_dtype),
-            "num_heads": self._num_heads,
-            "key_dim": self._key_dim,
-            "value_dim": self._value_dim,
-            "dropout": self._dropout,
-            "use_bias": self._use_bias,
-            "use_gate": self._use_gate,
-            "output_shape": self._output_shape,
-            "attention_axes": self._attention_axes,
-            "sliding_window": self._sliding_window,
             "kernel_initializer": initializers.serialize(self._kernel_initializer),
             "bias_initializer": initializers.serialize(self._bias_initializer),
             "kernel_regularizer": regularizers.serialize(self._kernel_regularizer),
@@ -151,7 +173,6 @@ class KerasLayerAPI:
             "activity_regularizer": regularizers.serialize(self._activity_regularizer),
             "kernel_constraint": constraints.serialize(self._kernel_constraint),
             "bias_constraint": constraints.serialize(self._bias_constraint),
-            "seed": self.seed,
         }
 
     @classmethod
@@ -189,10 +210,11 @@ class KerasLayerAPI:
         (shards' penalties summed across the group, so every rank of the group
         must read `losses`); its gradient reaches each rank's own shard."""
         out = list(self._activity_losses)
-        for kind, p, dim in self._keras_weights():
-            reg = self._kernel_regularizer if kind == "kernel" else self._bias_regularizer
+        for w in self._keras_weights():
+            reg = self._kernel_regularizer if w.kind == "kernel" else self._bias_regularizer
             if reg is not None:
-                out.append(sharding.penalty(reg, p, dim, self.tp_group))
+                p = sharding.sync_replicas(self.tp_group, w.replicas, w.param)
+                out.append(sharding.penalty(reg, p, w.dim, self.tp_group, w.replicas))
         return out
 
     def apply_constraints(self) -> None:
@@ -201,10 +223,10 @@ class KerasLayerAPI:
         Under tensor parallelism, norms that span shards are reduced across the
         group, so the result equals constraining the full weight."""
         with torch.no_grad():
-            for kind, p, dim in self._keras_weights():
-                c = self._kernel_constraint if kind == "kernel" else self._bias_constraint
+            for w in self._keras_weights():
+                c = self._kernel_constraint if w.kind == "kernel" else self._bias_constraint
                 if c is not None:
-                    p.copy_(sharding.constrain(c, p, dim, self.tp_group))
+                    w.param.copy_(sharding.constrain(c, w.param, w.dim, self.tp_group, w.replicas))
 
     def constraint_hook(self, optimizer: torch.optim.Optimizer):
         """Applies the constraints after every `optimizer.step()`; returns the hook handle.
@@ -216,19 +238,37 @@ class KerasLayerAPI:
         return optimizer.register_step_post_hook(lambda *_: self.apply_constraints())
 
     # -- activity regularisation --------------------------------------------------
-    def _record_activity(self, q, k, gate, v, output) -> None:
+    # Keras's GroupQueryAttention also sets its own `activity_regularizer`, so
+    # Keras's base layer regularises what the layer returns (the output, and
+    # the scores when returned) ahead of the sublayers' penalties.
+    _regularizes_own_outputs = False
+
+    def _record_activity(self, q, k, gate, v, output, scores=None, scores_head_dim=None) -> None:
+        """Keras's activity penalties of one call (see `losses`).
+
+        `scores_head_dim`: the heads dim of `scores` when they are this rank's
+        heads only (`local_scores=True` under TP), else None.
+        """
         reg = self._activity_regularizer
         if reg is None:
             if self._activity_losses:
                 self.__dict__["_activity_losses"] = []
             return
-        self.__dict__["_activity_losses"] = []
+        losses = []
         # Keras regularises each sublayer's output, divided by its batch size.
-        # q/k/gate/v hold this rank's heads; the output is replicated, or
-        # sharded on dim 1 under sequence parallelism.
-        head_dim = q.dim() - 2
-        for y in (q, k, gate, v):
-            if y is not None:
-                self._activity_losses.append(sharding.penalty(reg, y, head_dim, self.tp_group) / y.shape[0])
+        # q/k/gate/v hold this rank's heads (k/v heads possibly replicated:
+        # counted once); the output is replicated, or sharded on dim 1 under
+        # sequence parallelism.
         out_dim = region.SEQ_DIM if self.sequence_parallel else None
-        self._activity_losses.append(sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0])
+        output_penalty = sharding.penalty(reg, output, out_dim, self.tp_group) / output.shape[0]
+        if self._regularizes_own_outputs:
+            losses.append(output_penalty)
+            if scores is not None:
+                losses.append(sharding.penalty(reg, scores, scores_head_dim, self.tp_group) / scores.shape[0])
+        head_dim = q.dim() - 2
+        kv_replicas = self._modules["key"].replicas
+        for y, replicas in ((q, 1), (k, kv_replicas), (gate, 1), (v, kv_replicas)):
+            if y is not None:
+                losses.append(sharding.penalty(reg, y, head_dim, self.tp_group, replicas) / y.shape[0])
+        losses.append(output_penalty)
+        self.__dict__["_activity_losses"] = losses

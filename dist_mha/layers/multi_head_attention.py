@@ -1,43 +1,18 @@
 """`MultiHeadAttention`: Keras 3's layer as a `torch.nn.Module`.
 
-Shape legend: B batch, T/S query/key positions (after layout.py folds
-multi-axis attention), N heads, H key_dim, Hv value_dim, Dq/Dk/Dv input
-features.
-
-One call, top to bottom: check inputs -> build on first use -> project
-q/k/v (Keras-layout kernels) -> fold to `*_BTNH` -> merge masks -> local
-kernel (flash-attn / SDPA / math) with dropout under the layer's RNG stream
--> unfold -> [gate] -> output projection.
+The Keras-facing constructor, properties and config; the forward pass is the
+shared engine in `dist_mha.core.attention` (multi-head attention is its case
+of as many key/value heads as query heads).
 """
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext as _nullcontext
-
-import torch
-from torch import nn
-
-from dist_mha.core import inputs, projections
-from dist_mha.core.fused_projection import project
-from dist_mha.core.kernels import AttentionRequest, attention
-from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
-from dist_mha.core.masks import build_mask_spec
-from dist_mha.core.rng_streams import (
-    CallCounter,
-    RNGStream,
-    invariant_keep_mask,
-    stream_seed,
-)
-from dist_mha.keras_objects import constraints, initializers, regularizers
-from dist_mha.layers import config as cfg
+from dist_mha.core import config as cfg
+from dist_mha.core.attention import AttentionCore
 from dist_mha.layers.keras_api import KerasLayerAPI
-from dist_mha.parallel import region, sharding
-
-_DROPOUT_MODES = ("per_rank", "tp_invariant")
 
 
-class MultiHeadAttention(KerasLayerAPI, nn.Module):
+class MultiHeadAttention(KerasLayerAPI, AttentionCore):
     """Multi-head attention with the API and numerics of Keras 3's `MultiHeadAttention`.
 
     Projects `query`, `key` and `value` into `num_heads` heads, takes the
@@ -159,60 +134,21 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
         **kwargs,
     ):
         super().__init__()
-        kwargs.pop("autocast", None)  # Keras base-layer flag; torch.autocast governs here.
-        if kwargs:
-            raise ValueError(
-                f"Unrecognized keyword arguments passed to MultiHeadAttention: {kwargs}. "
-                "See the class docstring for the accepted arguments."
-            )
-        self._num_heads = cfg.positive_int("num_heads", num_heads)
-        self._key_dim = cfg.positive_int("key_dim", key_dim)
-        self._value_dim = cfg.positive_int("value_dim", value_dim, allow_none=True) or self._key_dim
-        self._dropout = cfg.dropout_rate(dropout)
-        self._use_bias = cfg.boolean("use_bias", use_bias)
-        self._output_shape = cfg.output_shape(output_shape)
-        self._attention_axes = cfg.attention_axes(attention_axes)
-        self._sliding_window = cfg.positive_int("sliding_window", sliding_window, allow_none=True)
-        self._flash_attention = cfg.flash_attention(flash_attention)
-        self._use_gate = cfg.boolean("use_gate", use_gate)
-        self.seed = cfg.seed(seed)
-        self._attention_backend = cfg.attention_backend(attention_backend)
-        self._kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
-        self._bias_initializer = initializers.get(bias_initializer, "bias_initializer")
-        self._kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
-        self._bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
-        self._activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
-        self._kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
-        self._bias_constraint = constraints.get(bias_constraint, "bias_constraint")
-        if self._kernel_initializer is None or self._bias_initializer is None:
-            which = "kernel_initializer" if self._kernel_initializer is None else "bias_initializer"
-            raise ValueError(f"Received an invalid value for argument `{which}`, expected an initializer. Received: {which}=None")
-        self.tp_group = cfg.process_group("tp_group", tp_group)
-        self.tp_size = sharding.tp_size_of(self.tp_group)
-        self.tp_rank = sharding.tp_rank_of(self.tp_group)
-        sharding.check_heads_divisible(self._num_heads, self.tp_size)
-        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
-        if dropout_mode not in _DROPOUT_MODES:
-            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {_DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
-        self.dropout_mode = dropout_mode
-        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
-        self._check_group = sharding.cpu_group(self.tp_group) if self.check_ranks and self.tp_size > 1 else None
-        self.name = name or "multi_head_attention"
-        self._param_dtype = cfg.param_dtype(dtype)
-        self._device = torch.device(device) if device is not None else None
-        self._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self._key_dim))
-        self._dropout_stream = None  # created at build, when the TP rank's seed is known
-        self.replicated_stream = None
-        self._invariant_calls = None
-        self._trainable = cfg.boolean("trainable", trainable)
-        self._activity_losses: list[torch.Tensor] = []
-        self.built = False
-        self.last_backend: str | None = None
-        self.last_backend_reason: str | None = None
-        if query_shape is not None:
-            self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
-        elif value_shape is not None or key_shape is not None:
-            raise ValueError("Received `value_shape`/`key_shape` without `query_shape`; pass query_shape too to build eagerly.")
+        num_heads = cfg.positive_int("num_heads", num_heads)
+        key_dim = cfg.positive_int("key_dim", key_dim)
+        self._init_core(
+            layer_name="multi_head_attention", num_heads=num_heads, num_kv_heads=num_heads, key_dim=key_dim,
+            value_dim=cfg.positive_int("value_dim", value_dim, allow_none=True) or key_dim,
+            output_shape=cfg.output_shape(output_shape), attention_axes=cfg.attention_axes(attention_axes),
+            dropout=dropout, use_bias=use_bias, sliding_window=sliding_window, flash_attention=flash_attention,
+            kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, query_shape=query_shape,
+            value_shape=value_shape, key_shape=key_shape, attention_backend=attention_backend, device=device,
+            dtype=dtype, tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode,
+            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs,
+        )
 
     # -- Keras read-only properties ------------------------------------------
     num_heads = property(lambda self: self._num_heads)
@@ -226,142 +162,20 @@ class MultiHeadAttention(KerasLayerAPI, nn.Module):
     value_dense = property(lambda self: self._sub("value"))
     output_dense = property(lambda self: self._sub("attention_output"))
 
-    def _sub(self, name):
-        if not self.built:
-            raise AttributeError(f"`{name}` dense layer exists after build(); call build() or the layer first.")
-        return self._modules[name]
-
-    # -- build ----------------------------------------------------------------
-    def build(self, query_shape, value_shape, key_shape=None):
-        """Creates the weights.
-
-        Optimizers must be created after this (or after the first call), since
-        torch optimizers bind to existing parameters; pass `query_shape=` to the
-        constructor to build eagerly.
-
-        Args:
-            query_shape: `(B, ..., Dq)`; None for unknown dims.
-            value_shape: `(B, ..., Dv)`.
-            key_shape: optional `(B, ..., Dk)`; defaults to `value_shape`.
-        """
-        if self.built:
-            raise ValueError(f"Layer '{self.name}' is already built; create a new layer to change its input shapes.")
-        query_shape = cfg.input_shape("query_shape", query_shape)
-        value_shape = cfg.input_shape("value_shape", value_shape)
-        key_shape = value_shape if key_shape is None else cfg.input_shape("key_shape", key_shape)
-        if value_shape[1:-1] != key_shape[1:-1]:
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, must be equal. "
-                f"Received: value_shape={value_shape} and key_shape={key_shape}"
-            )
-        if not len(query_shape) == len(value_shape):
-            raise ValueError(
-                "`query` and `value` must have the same rank. "
-                f"Received: query_shape={query_shape} and value_shape={value_shape}"
-            )
-        rank = len(query_shape)
-        self._attention_axes = normalize_attention_axes(self._attention_axes, rank)
-        base = sharding.agreed_random_base(self.tp_group, self._device)
-        for proj in projections.build_projections(self, query_shape[-1], value_shape[-1], key_shape[-1], rank):
-            self.add_module(proj.name, proj)
-            projections.initialize(proj, self._kernel_initializer, self._bias_initializer, base, self._num_heads,
-                                   self.tp_group)
-        self._make_streams(base)
-        self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
-        self.built = True
-        self.trainable = self._trainable
-
-    def _make_streams(self, base: int) -> None:
-        seed = self.seed if self.seed is not None else base
-        if self.seed is not None or self.tp_size > 1:
-            # seed=None at TP=1 keeps Keras's meaning: torch's global RNG. Under
-            # TP the per-rank stream needs a seed; `base` follows torch.manual_seed.
-            self._dropout_stream = RNGStream(stream_seed(seed, "attention_dropout", self.tp_rank), "attention_dropout")
-        self.replicated_stream = RNGStream(stream_seed(seed, "replicated"), "replicated")
-        self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
-
-    def rng_streams(self) -> list:
-        """The layer's RNG streams (for `dist_mha.core.rng_streams.checkpoint`)."""
-        return [s for s in (self._dropout_stream, self.replicated_stream, self._invariant_calls) if s is not None]
-
-    # -- call -------------------------------------------------------------------
-    def forward(
-        self,
-        query,
-        value,
-        key=None,
-        query_mask=None,
-        value_mask=None,
-        key_mask=None,
-        attention_mask=None,
-        return_attention_scores=False,
-        training=None,
-        use_causal_mask=False,
-        *,
-        local_scores=False,
-    ):
-        query, value, key = inputs.check_inputs(self, query, value, key)
-        return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
-        use_causal_mask = cfg.boolean("use_causal_mask", use_causal_mask)
-        if training is not None:
-            training = cfg.boolean("training", training)
-        training = self.training if training is None else training
-        dropout_p = self._dropout if training else 0.0
-        group, sp = self.tp_group, self.sequence_parallel
-        if self.tp_size > 1:
-            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
-                                return_attention_scores, use_causal_mask, dropout_p > 0)
-            query, value, key = region.enter(group, sp, query, value, key)
-
-        q, k, gate, v = project(self._self_projections(), query, key, value)  # (B, d.., n, H|Hv), n = local heads
-        layout = AttentionLayout(query.dim(), self._attention_axes)
-        batch = [q.shape[d] for d in layout.batch_dims]
-        t_dims = [q.shape[d] for d in layout.attention_axes]
-        s_dims = [k.shape[d] for d in layout.attention_axes]
-        masks = build_mask_spec(
-            layout, query.shape, value.shape, (*batch, self._num_heads, *t_dims, *s_dims),
-            query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
-            attention_mask=attention_mask, use_causal_mask=use_causal_mask,
-            sliding_window=self._sliding_window, device=query.device,
-        )
-        h0, h1 = sharding.head_range(self._num_heads, group)
-        if masks.dense_BNTS is not None and masks.dense_BNTS.shape[1] == self._num_heads != h1 - h0:
-            masks.dense_BNTS = masks.dense_BNTS[:, h0:h1]  # a per-head mask: keep this rank's heads
-        req = AttentionRequest(
-            layout.to_BTNH(q), layout.to_BTNH(k), layout.to_BTNH(v), masks,
-            self._inverse_sqrt_key_dim, dropout_p, return_attention_scores,
-        )
-        stream = None
-        if dropout_p > 0 and self.dropout_mode == "tp_invariant":
-            call = self._invariant_calls.next()
-            seed, rate = self._invariant_calls.seed, dropout_p
-
-            def keep(shape_BNTS, device):
-                global_shape = (shape_BNTS[0], self._num_heads, *shape_BNTS[2:])
-                return invariant_keep_mask(seed, call, global_shape, (slice(None), slice(h0, h1)), rate, device)
-
-            req.dropout_keep = keep
-        elif dropout_p > 0:
-            stream = self._dropout_stream
-        with stream.fork(query.device) if stream is not None else _nullcontext():
-            out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
-        # Plain attributes, set without nn.Module.__setattr__'s per-call bookkeeping.
-        self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = backend, why
-        context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)
-        if gate is not None:
-            context = context * gate
-        out_proj = self.output_dense
-        if self.tp_size > 1:
-            output = region.leave(group, sp, out_proj(context, add_bias=False), out_proj.bias)
-        else:
-            output = out_proj(context)
-        self._record_activity(q, k, gate, v, output)
-        if not return_attention_scores:
-            return output
-        scores = layout.scores_from_BNTS(probs, q.shape, k.shape)
-        if not local_scores:
-            scores = sharding.gather_full(scores, len(layout.batch_dims), group)
-        return output, scores
-
-    def _self_projections(self):
-        return [self.query_dense, self.key_dense, self._modules.get("gate"), self.value_dense]
+    # -- config ---------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """The constructor arguments, with Keras's keys and serialisations."""
+        return {
+            **self._base_config(),
+            "num_heads": self._num_heads,
+            "key_dim": self._key_dim,
+            "value_dim": self._value_dim,
+            "dropout": self._dropout,
+            "use_bias": self._use_bias,
+            "use_gate": self._use_gate,
+            "output_shape": self._output_shape,
+            "attention_axes": self._attention_axes,
+            "sliding_window": self._sliding_window,
+            **self._objects_config(),
+            "seed": self.seed,
+        }

@@ -24,11 +24,32 @@ _NAME = "tp{rank:03d}-of-{size:03d}.pt"
 _PATTERN = re.compile(r"tp(\d{3})-of-(\d{3})\.pt$")
 
 
-def extra_state(module, shard_dims: dict, shard_units: int, unit_name: str, streams=()) -> dict:
-    """The `_extra_state` payload of a sharded module (see the module docstring)."""
+def extra_state(module, shard_dims: dict, shard_units: int, unit_name: str, streams=(), tensor_units=None) -> dict:
+    """The `_extra_state` payload of a sharded module (see the module docstring).
+
+    `tensor_units` overrides `shard_units` per tensor (key/value heads of
+    grouped-query attention); a tensor with fewer units than TP ranks is
+    replicated on `tp / units` consecutive ranks.
+    """
     return {"format": FORMAT, "tp_size": getattr(module, "tp_size", 1), "tp_rank": getattr(module, "tp_rank", 0),
             "shard_units": shard_units, "unit_name": unit_name, "shard_dims": dict(shard_dims),
-            "rng": {s.name: s.state_dict() for s in streams}}
+            "tensor_units": dict(tensor_units or {}), "rng": {s.name: s.state_dict() for s in streams}}
+
+
+def _splits(units: int, tp_size: int) -> bool:
+    return units % tp_size == 0 or tp_size % units == 0
+
+
+def _full(parts: list, dim: int, units: int) -> torch.Tensor:
+    """The full tensor from every old rank's shard; replicated units are taken once."""
+    replicas = len(parts) // units if units < len(parts) else 1
+    return torch.cat(parts[::replicas], dim=dim)
+
+
+def _own(full: torch.Tensor, dim: int, units: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+    if units < tp_size:
+        return full.chunk(units, dim=dim)[tp_rank // (tp_size // units)].clone()
+    return full.chunk(tp_size, dim=dim)[tp_rank].clone()
 
 
 def check_extra_state(module, state, name: str) -> dict:
@@ -89,12 +110,14 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
         for r, sd in enumerate(shards):
             if sd[prefix + "_extra_state"]["tp_rank"] != r:
                 raise ValueError(f"Shard {r} holds TP rank {sd[prefix + '_extra_state']['tp_rank']}; pass shards in rank order.")
-        units = extra["shard_units"]
-        if units % tp_size:
-            valid = [d for d in range(1, units + 1) if units % d == 0]
+        all_units = {extra["shard_units"], *extra.get("tensor_units", {}).values()}
+        if extra["shard_units"] % tp_size or not all(_splits(u, tp_size) for u in all_units):
+            top = extra["shard_units"]
+            valid = [d for d in range(1, top + 1) if top % d == 0 and all(_splits(u, d) for u in all_units)]
             raise ValueError(
-                f"Cannot reshard layer '{prefix or '<root>'}' ({units} {extra['unit_name']} split across ranks) "
-                f"to TP={tp_size}; valid TP sizes: {valid}."
+                f"Cannot reshard layer '{prefix or '<root>'}' ({top} {extra['unit_name']}"
+                + (f", tensors with {sorted(all_units)} units" if len(all_units) > 1 else "")
+                + f" split across ranks) to TP={tp_size}; valid TP sizes: {valid}."
             )
     out = {}
     for key, value in shards[0].items():
@@ -117,8 +140,9 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
         if dim is None:
             out[key] = value
         else:
-            full = torch.cat([sd[key] for sd in shards], dim=dim)
-            out[key] = full.chunk(tp_size, dim=dim)[tp_rank].clone()
+            units = extra.get("tensor_units", {}).get(local, extra["shard_units"])
+            full = _full([sd[key] for sd in shards], dim, units)
+            out[key] = _own(full, dim, units, tp_size, tp_rank)
     return out
 
 

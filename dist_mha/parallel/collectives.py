@@ -11,6 +11,7 @@ Each forward collective has its backward twin (Megatron's vocabulary):
 | `gather_from_sp`    | all-gather along `dim`     | reduce-scatter along `dim` |
 | `reduce_scatter_to_sp` | reduce-scatter along `dim` | all-gather along `dim`  |
 | `all_to_all_tp`     | all-to-all (split `split_dim`, concat `cat_dim`) | the inverse |
+| `copy_to_kv_replicas` | identity                 | sum over the ranks holding the same key/value head |
 
 `group` is always an argument. `copy_to_tp` takes several tensors and
 all-reduces their gradients as one flat buffer, so a cross-attention call
@@ -137,6 +138,45 @@ def _all_to_all(x, split_dim, cat_dim, group):
     out = torch.empty_like(chunks)
     dist.all_to_all_single(out, chunks, group=group)
     return torch.cat(out.unbind(0), dim=cat_dim)
+
+
+class _CopyToKVReplicas(torch.autograd.Function):
+    """Identity forward; backward sums gradients over the `replicas` consecutive ranks sharing a unit.
+
+    One all-reduce over the whole TP group of a `(units, n)` buffer holding
+    each rank's gradients in its unit's row: no subgroups to create, and the
+    payload is `units` times this rank's gradients (`units = tp / replicas`
+    is small exactly when replication happens).
+    """
+
+    @staticmethod
+    def forward(ctx, group, replicas, *xs):
+        ctx.group, ctx.replicas = group, replicas
+        outs = tuple(x.view_as(x) for x in xs)
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        if present:
+            world, rank = _size(ctx.group), dist.get_rank(ctx.group)
+            units = world // ctx.replicas
+            flat = torch.cat([g.reshape(-1) for g in present])
+            buf = flat.new_zeros(units, flat.numel())
+            buf[rank // ctx.replicas] = flat
+            dist.all_reduce(buf, group=ctx.group)
+            it = iter(buf[rank // ctx.replicas].split([g.numel() for g in present]))
+            grads = tuple(None if g is None else next(it).view_as(g) for g in grads)
+        return (None, None, *grads)
+
+
+def copy_to_kv_replicas(group, replicas, *xs):
+    """Replicated key/value weights enter a forward pass: identity forward; backward sums the
+    gradients of the `replicas` ranks that hold the same head (consecutive TP ranks), so the copies
+    stay equal. One all-reduce for all of `xs`."""
+    if _size(group) == 1 or replicas <= 1:
+        return xs if len(xs) > 1 else xs[0]
+    return _CopyToKVReplicas.apply(group, replicas, *xs)
 
 
 def copy_to_tp(group, *xs):

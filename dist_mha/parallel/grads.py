@@ -13,12 +13,18 @@ import torch
 import torch.distributed as dist
 
 
-def mark_sharded(*params) -> None:
-    """Tags parameters that are split across the TP group."""
+def mark_sharded(*params, replicas: int = 1) -> None:
+    """Tags parameters that are split across the TP group.
+
+    `replicas > 1`: each shard is held by that many ranks (key/value heads of
+    grouped-query attention when there are fewer of them than TP ranks), so
+    its squared norm counts `1 / replicas` per rank in `clip_grad_norm_`.
+    """
     for p in params:
         if p is not None:
             p.tensor_model_parallel = True
             p.model_parallel = True
+            p.tp_replicas = replicas
 
 
 def is_sharded(p) -> bool:
@@ -36,7 +42,7 @@ def clip_grad_norm_(params, max_norm: float, tp_group=None) -> torch.Tensor:
     for p in params:
         sq = p.grad.detach().double().pow(2).sum()
         if is_sharded(p):
-            sharded += sq
+            sharded += sq / getattr(p, "tp_replicas", 1)
         else:
             replicated += sq
     if tp_group is not None and dist.get_world_size(tp_group) > 1:

@@ -49,6 +49,7 @@ def compare_with_reference(
     sequence_parallel: bool = False,
     seed: int = 0,
     check: bool = True,
+    layer_cls=None,
 ) -> dict:
     """Runs on every rank of `group`: TP layer vs reference; returns max errors.
 
@@ -62,6 +63,8 @@ def compare_with_reference(
         sequence_parallel: shard inputs/outputs on dim 1.
         seed: seeds weights, inputs and the output probe.
         check: raise AssertionError when a tolerance is exceeded.
+        layer_cls: the layer class (default `MultiHeadAttention`; e.g.
+            `GroupQueryAttention`, whose `layer_kwargs` are its own).
 
     Returns:
         `{"max_abs_error": {"output", "input_grads", "weight_grads"}, "backend": name}`.
@@ -69,9 +72,10 @@ def compare_with_reference(
     call_kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (call_kwargs or {}).items()}
     torch.manual_seed(seed)
     v_shape = value_shape or query_shape
-    ref = MultiHeadAttention(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
+    layer_cls = layer_cls or MultiHeadAttention
+    ref = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
                              dtype=dtype, device=device)
-    tp = MultiHeadAttention(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
+    tp = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
                             dtype=dtype, device=device, tp_group=group, sequence_parallel=sequence_parallel)
     tp.set_weights(ref.get_weights())
     q, v, k = _inputs((query_shape, value_shape, key_shape), dtype, device, seed)
@@ -101,8 +105,8 @@ def compare_with_reference(
         for t, r in zip(tp_leaves, ref_leaves)
     )
     w_errs = []
-    for (_, p_tp, dim), (_, p_ref, _) in zip(tp._keras_weights(), ref._keras_weights()):
-        w_errs.append(err(p_tp.grad, sharding.own_slice(p_ref.grad, dim, group)))
+    for w_tp, w_ref in zip(tp._keras_weights(), ref._keras_weights()):
+        w_errs.append(err(w_tp.param.grad, sharding.own_slice(w_ref.param.grad, w_tp.dim, group, w_tp.replicas)))
     errors["weight_grads"] = max(w_errs)
     if check:
         tol = TOLERANCE[dtype]
@@ -125,7 +129,8 @@ def _pool_task(ctx, tp, *args, **kwargs):
 
 
 def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None, call_kwargs=None, *, tp=2,
-                    dtype=torch.float64, sequence_parallel=False, seed=0, pool=None, device="cpu") -> dict:
+                    dtype=torch.float64, sequence_parallel=False, seed=0, pool=None, device="cpu",
+                    layer_cls=None) -> dict:
     """Spawns `tp` gloo ranks (or uses `pool`) and runs `compare_with_reference` on them.
 
     Returns:
@@ -137,7 +142,8 @@ def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None,
     pool = pool or RankPool(world_size=tp, tp_sizes=(tp,), device=device)
     try:
         return pool.run(_pool_task, tp, layer_kwargs, query_shape, value_shape, key_shape, call_kwargs,
-                        dtype=dtype, sequence_parallel=sequence_parallel, seed=seed, device=device)[0]
+                        dtype=dtype, sequence_parallel=sequence_parallel, seed=seed, device=device,
+                        layer_cls=layer_cls)[0]
     finally:
         if own:
             pool.close()

@@ -72,8 +72,9 @@ def _common_refusals(req: AttentionRequest) -> list[str]:
         reasons.append(f"head size {q.shape[-1]} > 256")
     if m.dense_BNTS is not None:
         reasons.append("an attention_mask (or a non-rank-3 layout) needs a dense (T, S) mask; flash-attn takes only causal and padding")
-    if (m.causal or m.window is not None) and req.T != req.S:
-        reasons.append("flash-attn aligns causal/window masks bottom-right, Keras top-left; they differ when T != S")
+    if (m.causal or m.window is not None) and m.q_offset != req.S - req.T:
+        reasons.append("flash-attn aligns causal/window masks bottom-right (query i at key i + S - T); this call "
+                       f"puts query 0 at key {m.q_offset} (Keras: top-left), and S - T = {req.S - req.T}")
     if (m.causal or m.window is not None) and m.k_keep_BS is not None:
         reasons.append("causal/window with key padding would shift positions after unpadding")
     if req.dropout_p > 0 and req.dropout_keep is not None:

@@ -104,7 +104,10 @@ def run(req: AttentionRequest):
     masks = req.masks
     keep = None
     causal_alone = masks.causal and masks.dense_BNTS is None and masks.k_keep_BS is None and masks.window is None
-    if causal_alone:
+    if causal_alone and masks.q_offset >= req.S - 1:
+        # Every query sees every key (one decoding step over a KV cache).
+        mask, is_causal = None, False
+    elif causal_alone and masks.q_offset == 0:
         # Top-left aligned like Keras; query padding is applied to the rows below.
         mask, is_causal = None, True
     else:

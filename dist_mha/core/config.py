@@ -1,4 +1,4 @@
-"""Constructor arguments of `MultiHeadAttention`: checks and normalisation.
+"""Arguments of the attention layers and the engine: checks and normalisation.
 
 Every error names the argument, the value received, what was expected and,
 where it is not obvious, how to fix it, in Keras's wording.
@@ -55,9 +55,14 @@ def output_shape(value):
     try:
         dims = tuple(dims)
     except TypeError:
-        raise _invalid("output_shape", "an int, a tuple or a list of positive ints", value) from None
+        dims = None
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
-        raise _invalid("output_shape", "an int, a tuple or a list of positive ints", value)
+        # Keras's own phrase first (its tests match it), then ours.
+        raise ValueError(
+            f"Invalid `output_shape`: {value!r}. When specified, the `output_shape` should be of type "
+            "tuple, list, or int. Received an invalid value for argument `output_shape`, expected an int, "
+            f"a tuple or a list of positive ints. Received: output_shape={value!r}"
+        )
     return dims
 
 
@@ -71,7 +76,11 @@ def attention_axes(value):
         isinstance(a, int) and not isinstance(a, bool) for a in value
     ):
         return tuple(value)
-    raise _invalid("attention_axes", "None, an int, or a non-empty list/tuple of ints", value)
+    raise ValueError(
+        "`attention_axes` must be an int, list, or tuple. Received an invalid value for argument "
+        "`attention_axes`, expected None, an int, or a non-empty list/tuple of ints. "
+        f"Received: attention_axes={value!r}"
+    )
 
 
 def flash_attention(value):
