@@ -141,3 +141,31 @@ def test_bf16_dropout_drops_the_requested_fraction_on_cuda(backend, rate):
     assert abs(dropped - rate) < 5e-3, f"{backend}: dropped {dropped:.4f}, asked {rate}"
     kept = out[out != 0].float()
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / (S * (1 - rate))), rtol=1e-2, atol=0)
+
+
+@needs_cuda
+def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
+    """The stream fork swaps generator states with graphsafe_set_state, which CUDA-graph capture allows
+    (copying states in and out, as torch.cuda.set_rng_state does, is refused during capture)."""
+    from dist_mha.core.rng_streams import generators
+
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        pytest.skip("this torch has no CUDAGraph.register_generator_state")
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(4, 16, dropout=0.3, seed=11, query_shape=64, device="cuda")
+    x = torch.randn(2, 32, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up outside capture (allocations, cuDNN plans, the stream generators)
+            layer(x, x, training=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators(layer, "cuda"):
+        graph.register_generator_state(gen)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = layer(x, x, training=True)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert torch.isfinite(out).all() and not torch.equal(first, out)  # each replay draws new masks

@@ -17,7 +17,6 @@ one forward: multi-head attention is the `K == N` case.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext as _nullcontext
 
 import torch
 from torch import nn
@@ -265,8 +264,8 @@ class AttentionCore(nn.Module):
             self._inverse_sqrt_key_dim, dropout_p, return_attention_scores,
         )
         stream = self._dropout_for(req, h0, h1) if dropout_p > 0 else None
-        with stream.fork(query.device) if stream is not None else _nullcontext():
-            out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
+        req.rng = stream  # the kernels draw dropout from the layer's stream
+        out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
         # Plain attributes, set without nn.Module.__setattr__'s per-call bookkeeping.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = backend, why
         context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)

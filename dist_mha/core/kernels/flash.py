@@ -16,6 +16,7 @@ import torch
 
 from dist_mha.core.kernels import flash_variants
 from dist_mha.core.kernels.request import AttentionRequest, zero_rows
+from dist_mha.core.rng_streams import forked
 
 NAME = "flash"
 
@@ -162,7 +163,9 @@ def run(req: AttentionRequest):
     q, k, v = (_last_dim_contiguous(t) for t in (req.q_BTNH, req.k_BSNH, req.v_BSNH))
     keep = None if m.q_keep_BT is None else m.q_keep_BT[:, :, None, None]
     if m.k_keep_BS is None:
-        return zero_rows(variant.call_dense(q, k, v, **kwargs), keep), None
+        with forked(req):  # flash-attn draws dropout from the default CUDA generator
+            out = variant.call_dense(q, k, v, **kwargs)
+        return zero_rows(out, keep), None
 
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]  # K key/value heads: flash-attn reads grouped K/V natively
@@ -181,8 +184,9 @@ def run(req: AttentionRequest):
     cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     # max_seqlen_k only sizes the kernel's grid: S bounds it without reading
     # the lengths back from the GPU.
-    out = variant.call_varlen(
-        q.reshape(B * T, N, H), k_nnz, v_nnz, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=T,
-        max_seqlen_k=S, **kwargs,
-    )
+    with forked(req):
+        out = variant.call_varlen(
+            q.reshape(B * T, N, H), k_nnz, v_nnz, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=T,
+            max_seqlen_k=S, **kwargs,
+        )
     return zero_rows(out.reshape(B, T, N, -1), keep), None

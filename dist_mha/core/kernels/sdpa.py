@@ -38,6 +38,7 @@ from dist_mha.core.kernels.request import (
     mask_with_live_rows,
     zero_rows,
 )
+from dist_mha.core.rng_streams import forked
 
 NAME = "sdpa"
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -121,7 +122,7 @@ def run(req: AttentionRequest):
             gqa = {"enable_gqa": True}
         else:
             k_BKSH, v_BKSH = (t.repeat_interleave(req.groups, dim=1) for t in (k_BKSH, v_BKSH))
-    with _backend_context(req.q_BTNH.device, req.S, mask is not None, req.dropout_p):
+    with _backend_context(req.q_BTNH.device, req.S, mask is not None, req.dropout_p), forked(req):
         out_BNTH = F.scaled_dot_product_attention(
             req.q_BTNH.transpose(1, 2),
             k_BKSH,
