@@ -155,3 +155,24 @@ def gqa_bad_tp(ctx, tp, nq, nkv):
     except ValueError as err:
         return str(err)
     return None
+
+
+def decode_under_tp(ctx, tp, nkv):
+    """DecoderLM at TP=tp: prefill + one token at a time vs its full forward and the TP=1 model's.
+
+    Returns (max |incremental - full|, max |full - TP=1 full|, cache bytes on this rank).
+    """
+    from dist_mha.models.decoder import DecoderLM
+
+    results = []
+    for group in (None, ctx.group(tp)):
+        torch.manual_seed(0)
+        model = DecoderLM(40, 32, 32, 8, 2, num_kv_heads=nkv, tp_group=group).eval()
+        tokens = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            full = model(tokens)
+            cache = model.init_cache(3, 16)
+            parts = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(5, 16)]
+        results.append((full, torch.cat(parts, 1), cache.nbytes))
+    (full1, _, _), (full_tp, inc_tp, nbytes) = results
+    return float((inc_tp - full_tp).abs().max()), float((full_tp - full1).abs().max()), nbytes

@@ -9,10 +9,8 @@ optimizer step; the collectives per call; initialisation; checkpoints.
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import gqa_tasks
+import pytest
 
 KV_HEADS = [1, 2, 4, 8]
 
@@ -81,3 +79,13 @@ def test_gqa_invalid_tp_raises_listing_valid_sizes_before_any_collective(rank_po
     # splits nor evenly replicates the key/value heads.
     for msg in rank_pool.run(gqa_tasks.gqa_bad_tp, 2, 6, 3):
         assert msg is not None and "num_key_value_heads=3" in msg and "Valid TP sizes: [1, 3, 6]" in msg
+
+
+@pytest.mark.parametrize("nkv", [1, 2, 8])
+def test_kv_cache_decoding_under_tp_matches_full_forward(rank_pool, nkv):
+    for tp in (2, 4):
+        for inc_err, tp_err, nbytes in rank_pool.run(gqa_tasks.decode_under_tp, tp, nkv):
+            assert inc_err < 1e-5 and tp_err < 1e-5
+            # Two blocks, keys and values, 3 x 16 positions, head_dim 4, float32: only this rank's heads.
+            local_heads = max(nkv // tp, 1)
+            assert nbytes == 2 * 2 * 3 * 16 * local_heads * 4 * 4

@@ -4,9 +4,8 @@ of its own, started once for this module (about 10 s on 2 cores)."""
 
 from __future__ import annotations
 
-import pytest
-
 import gqa_tasks
+import pytest
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,7 @@ class AttentionCore(nn.Module):
         """
         if not self.built:
             raise ValueError(f"Layer '{self.name}' is not built; build it (query_shape=...) before init_cache().")
-        key, value = self._modules["key"], self._modules["value"]
+        key = self._modules["key"]
         return KVCache(batch_size, max_length, key.kernel.shape[1], self._key_dim, self._value_dim,
                        dtype=dtype or key.kernel.dtype, device=device or key.kernel.device)
 

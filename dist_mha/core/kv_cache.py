@@ -49,6 +49,7 @@ class KVCache:
         self.v_BLkH = torch.zeros(batch_size, max_length, num_heads, value_dim, dtype=dtype, device=device)
         self.keep_BL: torch.Tensor | None = None  # key padding, once any call passed a value/key mask
         self.length = 0
+        self._live = None  # (k, v) with autograd history, while decoding differentiably
 
     @property
     def max_length(self) -> int:
@@ -63,6 +64,7 @@ class KVCache:
         """Forgets every cached position (the buffers are reused)."""
         self.length = 0
         self.keep_BL = None
+        self._live = None
 
     def append(self, k_BSkH: torch.Tensor, v_BSkH: torch.Tensor, keep_BS: torch.Tensor | None):
         """Caches `S` new positions; returns `(k_B(L+S)kH, v_B(L+S)kH, keep_B(L+S) or None, L)`.
@@ -85,13 +87,17 @@ class KVCache:
                 f"{self.max_length}. Make a larger cache (init_cache(batch_size, max_length)) or reset() it."
             )
         if torch.is_grad_enabled() and (k_BSkH.requires_grad or v_BSkH.requires_grad):
-            # Differentiable decoding: no in-place writes into the buffers autograd would need.
-            k_all = torch.cat([self.k_BLkH[:, :L], k_BSkH.to(self.k_BLkH.dtype)], dim=1)
-            v_all = torch.cat([self.v_BLkH[:, :L], v_BSkH.to(self.v_BLkH.dtype)], dim=1)
+            # Differentiable decoding: earlier positions keep their autograd history
+            # (the buffers hold detached copies), at the cost of a concatenation per call.
+            k_prev, v_prev = self._live if self._live is not None else (self.k_BLkH[:, :L], self.v_BLkH[:, :L])
+            k_all = torch.cat([k_prev, k_BSkH.to(self.k_BLkH.dtype)], dim=1)
+            v_all = torch.cat([v_prev, v_BSkH.to(self.v_BLkH.dtype)], dim=1)
+            self._live = (k_all, v_all)
             with torch.no_grad():
                 self.k_BLkH[:, L:L + S] = k_BSkH
                 self.v_BLkH[:, L:L + S] = v_BSkH
         else:
+            self._live = None
             with torch.no_grad():
                 self.k_BLkH[:, L:L + S] = k_BSkH
                 self.v_BLkH[:, L:L + S] = v_BSkH

@@ -130,7 +130,7 @@ def build_projections(layer, dq: int, dv: int, dk: int, rank: int) -> list[Einsu
             global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
             shard_units=units, replicas=reps,
         )
-        mark_sharded(proj.kernel, proj.bias if b_dim is not None else None, replicas=reps)
+        mark_sharded(proj.kernel, proj.bias if b_dim is not None else None, replicas=reps, tp_size=layer.tp_size)
         projs.append(proj)
     return projs
 

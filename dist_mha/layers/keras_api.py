@@ -12,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dist_mha.keras_objects import constraints, initializers, regularizers
 from dist_mha.core import config as cfg
+from dist_mha.keras_objects import constraints, initializers, regularizers
 from dist_mha.parallel import checkpoint as tp_checkpoint
 from dist_mha.parallel import region, sharding
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_mha.core.rng_streams import RNGStream, dropout, stream_seed
+from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel import sharding
 from dist_mha.parallel.linear import (
@@ -33,7 +34,10 @@ class TransformerBlock(nn.Module):
 
     Args:
         embed_dim: E.
-        num_heads: attention heads (divisible by the TP size).
+        num_heads: attention (query) heads (divisible by the TP size).
+        num_kv_heads: key/value heads for grouped-query attention (None or
+            `num_heads`: multi-head attention; 1: multi-query); divides
+            `num_heads`, and splits across TP ranks or is replicated on them.
         mlp_ratio: MLP hidden size as a multiple of E.
         dropout: residual dropout rate.
         attention_dropout: dropout on attention probabilities.
@@ -48,6 +52,8 @@ class TransformerBlock(nn.Module):
     Call arguments:
         x: `(B, T, E)` (or `(B, T/tp, E)` under sequence parallelism).
         padding_mask: optional bool `(B, T)`, True for real tokens (always full length).
+        cache: optional `KVCache` of the attention layer (`block.attention.init_cache`)
+            for incremental decoding.
 
     Returns:
         A tensor shaped like `x`.
@@ -59,9 +65,9 @@ class TransformerBlock(nn.Module):
     torch.Size([2, 10, 64])
     """
 
-    def __init__(self, embed_dim, num_heads, *, mlp_ratio=4, dropout=0.0, attention_dropout=0.0, causal=True,
-                 attention=None, tp_group=None, sequence_parallel=False, seed=None, dropout_mode="per_rank",
-                 device=None, dtype=None):
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, mlp_ratio=4, dropout=0.0, attention_dropout=0.0,
+                 causal=True, attention=None, tp_group=None, sequence_parallel=False, seed=None,
+                 dropout_mode="per_rank", device=None, dtype=None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"Received embed_dim={embed_dim} not divisible by num_heads={num_heads}.")
@@ -72,11 +78,14 @@ class TransformerBlock(nn.Module):
         seed = sharding.agreed_random_base(tp_group, device) if seed is None else seed
         ln = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
         self.norm1 = ParallelLayerNorm(embed_dim, **ln)
-        self.attention = attention if attention is not None else MultiHeadAttention(
-            num_heads, embed_dim // num_heads, dropout=attention_dropout, seed=seed, query_shape=embed_dim,
-            tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode, device=device,
-            dtype=dtype,
-        )
+        common = dict(dropout=attention_dropout, seed=seed, query_shape=embed_dim, tp_group=tp_group,
+                      sequence_parallel=sequence_parallel, dropout_mode=dropout_mode, device=device, dtype=dtype)
+        if attention is not None:
+            self.attention = attention
+        elif num_kv_heads is None or num_kv_heads == num_heads:
+            self.attention = MultiHeadAttention(num_heads, embed_dim // num_heads, **common)
+        else:
+            self.attention = GroupQueryAttention(embed_dim // num_heads, num_heads, num_kv_heads, **common)
         self.norm2 = ParallelLayerNorm(embed_dim, **ln)
         hidden = mlp_ratio * embed_dim
         lin = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
@@ -103,8 +112,9 @@ class TransformerBlock(nn.Module):
             return x
         return dropout(x, self.dropout, self.residual_stream)
 
-    def forward(self, x, padding_mask=None):
+    def forward(self, x, padding_mask=None, cache=None):
         h = self.norm1(x)
-        x = x + self._drop(self.attention(h, h, value_mask=padding_mask, use_causal_mask=self.causal))
+        extra = {} if cache is None else {"cache": cache}
+        x = x + self._drop(self.attention(h, h, value_mask=padding_mask, use_causal_mask=self.causal, **extra))
         h = self.norm2(x)
         return x + self._drop(self.fc2(F.gelu(self.fc1(h))))

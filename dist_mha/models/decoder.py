@@ -5,7 +5,7 @@ Shape legend: B batch, T sequence, E embed dim, V vocabulary.
 Embeddings, final norm and the (tied) output head are replicated on every
 TP rank; the blocks are tensor-parallel. Under sequence parallelism the
 embedded sequence is split on T after the embedding and gathered before the
-head.
+head. Incremental decoding (a KV cache per block) is in `generation.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class DecoderLM(nn.Module):
         vocab_size: V.
         max_len: longest sequence.
         embed_dim, num_heads, num_layers, mlp_ratio: the shape of the model.
+        num_kv_heads: key/value heads of grouped-query attention (None: as
+            many as `num_heads`; 1: multi-query attention).
         dropout: residual and embedding dropout; attention_dropout: on attention probabilities.
         tp_group, sequence_parallel, dropout_mode: tensor parallelism (see `MultiHeadAttention`).
         seed: seeds dropout streams (None: drawn from torch's global RNG).
@@ -35,17 +37,21 @@ class DecoderLM(nn.Module):
 
     Call arguments:
         tokens: int64 `(B, T)`; `T` divisible by the TP size under sequence parallelism.
+        cache: optional `DecoderCache` from `init_cache`: the tokens continue
+            the cached sequence (positions start at `cache.length`), and their
+            keys and values are appended to it.
 
     Returns:
         Logits `(B, T, V)`.
     """
 
     def __init__(self, vocab_size, max_len, embed_dim=64, num_heads=4, num_layers=2, mlp_ratio=4, dropout=0.0,
-                 attention_dropout=0.0, *, tp_group=None, sequence_parallel=False, dropout_mode="per_rank", seed=None,
-                 device=None, dtype=None):
+                 attention_dropout=0.0, *, num_kv_heads=None, tp_group=None, sequence_parallel=False,
+                 dropout_mode="per_rank", seed=None, device=None, dtype=None):
         super().__init__()
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+        self.max_len = max_len
         base = sharding.agreed_random_base(tp_group, device)
         init = initializers.RandomNormal(stddev=0.02)
         self.tok = nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
@@ -55,7 +61,7 @@ class DecoderLM(nn.Module):
             self.pos.weight.copy_(init((max_len, embed_dim), self.pos.weight.dtype, device=device, salt=2, base_seed=base))
         seed = base if seed is None else seed
         self.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
+            TransformerBlock(embed_dim, num_heads, num_kv_heads=num_kv_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                              attention_dropout=attention_dropout, tp_group=tp_group,
                              sequence_parallel=sequence_parallel, seed=seed + 1000 * (i + 1),
                              dropout_mode=dropout_mode, device=device, dtype=dtype)
@@ -64,13 +70,28 @@ class DecoderLM(nn.Module):
         self.norm = ParallelLayerNorm(embed_dim, tp_group=tp_group, sequence_parallel=sequence_parallel,
                                       device=device, dtype=dtype)
 
-    def forward(self, tokens):
+    def init_cache(self, batch_size: int, max_length: int | None = None):
+        """An empty `DecoderCache` (one KV cache per block, this rank's key/value heads)."""
+        from dist_mha.models.generation import DecoderCache
+
+        return DecoderCache(self, batch_size, self.max_len if max_length is None else max_length)
+
+    def forward(self, tokens, cache=None):
         T = tokens.shape[1]
-        x = self.tok(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        start = 0 if cache is None else cache.length
+        if start + T > self.max_len:
+            raise ValueError(
+                f"Received {T} tokens at position {start}: the model has position embeddings for max_len="
+                f"{self.max_len} positions. Shorten the sequence (or the generation)."
+            )
+        x = self.tok(tokens) + self.pos(torch.arange(start, start + T, device=tokens.device))
         if self.sequence_parallel:
+            if cache is not None:
+                raise ValueError("KV-cache decoding runs without sequence parallelism; build the model with "
+                                 "sequence_parallel=False for generation (the weights are the same).")
             x = scatter_to_tp(self.tp_group, x, 1)  # (B, T/tp, E)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if cache is None else cache.layers[i])
         x = self.norm(x)
         if self.sequence_parallel:
             x = gather_from_tp(self.tp_group, x, 1)  # (B, T, E)

@@ -13,17 +13,21 @@ import torch
 import torch.distributed as dist
 
 
-def mark_sharded(*params, replicas: int = 1) -> None:
+def mark_sharded(*params, replicas: int = 1, tp_size: int = 1) -> None:
     """Tags parameters that are split across the TP group.
 
     `replicas > 1`: each shard is held by that many ranks (key/value heads of
     grouped-query attention when there are fewer of them than TP ranks), so
     its squared norm counts `1 / replicas` per rank in `clip_grad_norm_`.
+    DeepSpeed's clipping counts `model_parallel` tensors on every rank and the
+    others on TP rank 0 only: exact for split tensors and for a head held by
+    every rank (`replicas == tp_size`, tagged not model-parallel); for
+    `1 < replicas < tp_size` it counts each head `replicas` times.
     """
     for p in params:
         if p is not None:
             p.tensor_model_parallel = True
-            p.model_parallel = True
+            p.model_parallel = not (replicas > 1 and replicas == tp_size)
             p.tp_replicas = replicas
 
 

@@ -95,6 +95,14 @@ def latest(run_dir) -> Path | None:
     return pointer.parent / pointer.read_text().strip()
 
 
+def load_model_state(ckpt_dir, tp_group) -> dict:
+    """The model's state dict from a checkpoint directory, resharded to `tp_group`'s degree (no optimizer)."""
+    from dist_mha.parallel import sharding
+
+    flat = load_tp_shard(ckpt_dir, sharding.tp_size_of(tp_group), sharding.tp_rank_of(tp_group))
+    return {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+
+
 def load(ckpt_dir, model, optimizer, *, tp_rank: int, tp_size: int) -> dict:
     """Restores model and optimizer (resharding if the TP degree changed); returns the saved meta."""
     return _unflatten_into(load_tp_shard(ckpt_dir, tp_size, tp_rank), model, optimizer)

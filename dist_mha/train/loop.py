@@ -119,7 +119,8 @@ def train(cfg, run_dir) -> dict:
     dtype = _DTYPES[cfg.train.dtype]
     m = cfg.model
     model = DecoderLM(data.vocab_size, seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio, m.dropout,
-                      m.attention_dropout, tp_group=state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
+                      m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=state.tp_group,
+                      sequence_parallel=cfg.parallel.sequence_parallel,
                       dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
