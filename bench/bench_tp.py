@@ -225,7 +225,10 @@ def main(argv=None):
                     help="before each group, wait up to SECONDS until other processes use < 0.2 CPU cores")
     ap.add_argument("--retries", type=int, default=0,
                     help="re-run a group up to N more times when other processes used > 0.2 cores; keep the quietest")
+    ap.add_argument("--only", choices=["tp_scaling", "check_ranks", "dropout_mode"], action="append",
+                    help="run only these sections (repeatable); default: all")
     args = ap.parse_args(argv)
+    run = set(args.only or ["tp_scaling", "check_ranks", "dropout_mode"])
 
     import bench_attention as ba
     import bench_tp as mod  # tasks must be resolved as bench_tp:<name> by the workers, not __main__
@@ -243,7 +246,7 @@ def main(argv=None):
     pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0)
     try:
         # 1. TP=2 vs TP=1
-        for shape in ("small", "medium"):
+        for shape in (("small", "medium") if "tp_scaling" in run else ()):
             w, n = it[shape]
             (r1, r2, (par, backend)), others = _measured(lambda: (
                 pool.run(mod.task_fwdbwd, 1, shape, w, n),
@@ -262,7 +265,7 @@ def main(argv=None):
                   f"{torch.get_num_threads()} threads {tp1_threads['median_ms']:8.2f} ms | others {others:.2f} cores")
 
         # 2. check_ranks cost per call
-        for shape in ("tiny", "small"):
+        for shape in (("tiny", "small") if "check_ranks" in run else ()):
             w, n = (20, 200) if not args.quick else (2, 20)
             res, others = _measured(lambda: pool.run(mod.task_check_ranks, shape, w, n), args)
             on = statistics.median([statistics.median(r["on_us"]) for r in res])
@@ -286,7 +289,7 @@ def main(argv=None):
             "per_rank_math": dict(dropout=0.1, seed=0, dropout_mode="per_rank", attention_backend="math"),
             "tp_invariant": dict(dropout=0.1, seed=0, dropout_mode="tp_invariant"),
         }
-        for shape in ("small", "medium"):
+        for shape in (("small", "medium") if "dropout_mode" in run else ()):
             w, n = it[shape]
             for tp in (1, 2):
                 row = dict(shape=shape, dims=SHAPES[shape], tp=tp)
@@ -306,7 +309,7 @@ def main(argv=None):
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        mem_pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0)
+        mem_pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0) if doc["dropout_mode"] else None
     finally:
         if old is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -325,7 +328,8 @@ def main(argv=None):
                 for m in modes) + f" | tp_invariant/per_rank {row['tp_invariant_vs_per_rank']:.2f}x time, "
                 f"{(row['tp_invariant_vs_per_rank_mem'] or float('nan')):.2f}x memory | others {row['others_cpu_cores']:.2f} cores")
     finally:
-        mem_pool.close()
+        if mem_pool is not None:
+            mem_pool.close()
 
     doc["dropout_explanation"] = (
         "tp_invariant draws every dropout decision from a counter-based hash of (seed, call, global head, "

@@ -94,3 +94,52 @@ def region_without_copies(ctx, tp):
     errors.append((x.grad - expected_grad).abs().max().item())
     inplace_enter = len(reduced) == 1 and reduced == arrived
     return {"inplace_leave": inplace_leave, "inplace_enter": inplace_enter}, errors
+
+
+def rank_check_timeline(ctx, tp, sequence_parallel):
+    """The order of one TP forward's events: the rank check's start and wait, the local attention, and the
+    first collective (the real collectives run; they are only recorded)."""
+    import dist_mha.core.attention as engine
+
+    group = ctx.group(tp)
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(4, 3, query_shape=E, tp_group=group, sequence_parallel=sequence_parallel)
+    x = torch.randn(2, 8 // tp if sequence_parallel else 8, E)
+    layer(x, x)  # warm-up
+    events = []
+    real_all_reduce, real_attention = dist.all_reduce, engine.attention
+    gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    real_gather = getattr(dist, gather_name)
+
+    class Work:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self, *args, **kwargs):
+            events.append("check_wait")
+            return self.work.wait(*args, **kwargs)
+
+    def all_reduce(t, *args, **kwargs):
+        if t.dtype == torch.int64:  # the rank check's payload
+            events.append("check_start_async" if kwargs.get("async_op") else "check_sync")
+            out = real_all_reduce(t, *args, **kwargs)
+            return Work(out) if kwargs.get("async_op") else out
+        events.append("all_reduce")
+        return real_all_reduce(t, *args, **kwargs)
+
+    def gather(*args, **kwargs):
+        events.append("all_gather")
+        return real_gather(*args, **kwargs)
+
+    def attention(*args, **kwargs):
+        events.append("attention")
+        return real_attention(*args, **kwargs)
+
+    dist.all_reduce, engine.attention = all_reduce, attention
+    setattr(dist, gather_name, gather)
+    try:
+        layer(x, x)
+    finally:
+        dist.all_reduce, engine.attention = real_all_reduce, real_attention
+        setattr(dist, gather_name, real_gather)
+    return events

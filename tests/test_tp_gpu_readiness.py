@@ -17,3 +17,13 @@ def test_tp_region_communicates_without_copies(rank_pool):
         for checks, errors in rank_pool.run(tasks.region_without_copies, tp):
             assert checks == {"inplace_leave": True, "inplace_enter": True}
             assert max(errors) < 1e-12
+
+
+def test_rank_check_overlaps_the_local_work_and_completes_before_the_first_collective(rank_pool):
+    # Without sequence parallelism the first forward collective is the output all-reduce: the check's
+    # round trip runs behind the projections and the attention kernel.
+    for events in rank_pool.run(tasks.rank_check_timeline, 2, False):
+        assert events[:4] == ["check_start_async", "attention", "check_wait", "all_reduce"], events
+    # With it, the input all-gather comes first: the check completes before it.
+    for events in rank_pool.run(tasks.rank_check_timeline, 2, True):
+        assert events[:4] == ["check_start_async", "check_wait", "all_gather", "attention"], events

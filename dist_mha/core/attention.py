@@ -234,11 +234,16 @@ class AttentionCore(nn.Module):
         training = self.training if training is None else training
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
+        pending = None  # the rank check in flight: local work overlaps its round trip
         if agree:
-            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
-                                 return_attention_scores, use_causal_mask, dropout_p > 0,
-                                 -1 if cache is None else cache.length, local_error)
+            pending = inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
+                                           return_attention_scores, use_causal_mask, dropout_p > 0,
+                                           -1 if cache is None else cache.length, local_error,
+                                           wait=torch.compiler.is_compiling())  # compiled: one break, here
         if self.tp_size > 1:
+            if sp and pending is not None:  # the all-gather is this call's first collective
+                pending.wait()
+                pending = None
             query, value, key = region.enter(group, sp, query, value, key)
 
         projs = self._projections()
@@ -273,7 +278,10 @@ class AttentionCore(nn.Module):
             context = context * gate
         out_proj = self._modules["attention_output"]
         if self.tp_size > 1:
-            output = region.leave(group, sp, out_proj(context, add_bias=False), out_proj.bias)
+            partial = out_proj(context, add_bias=False)
+            if pending is not None:  # the output all-reduce is this call's first collective
+                pending.wait()
+            output = region.leave(group, sp, partial, out_proj.bias)
         else:
             output = out_proj(context)
         if not return_attention_scores:

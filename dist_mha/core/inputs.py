@@ -56,17 +56,20 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
 
 
 def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout, cache_length=-1,
-                  local_error=None):
+                  local_error=None, wait=True):
     """Under TP: one small all-reduce proving every rank passes the same shapes, dtypes and flags.
 
-    It runs before any collective of the call, so a rank whose inputs differ
-    (a mask of another shape, a wrong feature dim, a float64 input) makes every
-    rank raise a ValueError instead of one raising while the others wait in
-    the output all-reduce. `local_error`: the ValueError this rank's own input
-    checks raised; it is re-raised here, after the other ranks learned of it.
+    It completes before any collective of the call, so a rank whose inputs
+    differ (a mask of another shape, a wrong feature dim, a float64 input)
+    makes every rank raise a ValueError instead of one raising while the
+    others wait in the output all-reduce. `local_error`: the ValueError this
+    rank's own input checks raised; it is re-raised here, after the other
+    ranks learned of it. `wait=False` returns the check in flight (an object
+    with `wait()`, which raises as this function would): the caller overlaps
+    its local work with the round trip and waits before its first collective.
     """
     if not layer.check_ranks:
-        return
+        return None
     if local_error is not None:
         try:
             sharding.check_ranks_agree(layer._check_group, [1] + [0] * (_CHECK_VALUES - 1),
@@ -91,16 +94,34 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     names += ["return_attention_scores", "use_causal_mask", "dropout active", "cache.length"]
     shown += [str(bool(return_scores)), str(bool(causal)), str(bool(dropout)), str(cache_length)]
     assert len(values) == _CHECK_VALUES
-    try:
-        sharding.check_ranks_agree(layer._check_group, values, names, shown)
-    except ValueError as err:
-        if "inputs rejected" in str(err).split("(")[0]:
-            raise ValueError(
-                "Another rank of the tensor-parallel group rejected its inputs to this layer (its ValueError says "
-                "why); this rank's inputs passed the checks. Every rank must call the layer with the same "
-                "shapes and arguments."
-            ) from None
-        raise
+    if wait:
+        try:
+            sharding.check_ranks_agree(layer._check_group, values, names, shown)
+        except ValueError as err:
+            _explain_disagreement(err)
+        return None
+    return _PendingCheck(sharding.start_ranks_agree(layer._check_group, values, names, shown))
+
+
+def _explain_disagreement(err: ValueError):
+    if "inputs rejected" in str(err).split("(")[0]:
+        raise ValueError(
+            "Another rank of the tensor-parallel group rejected its inputs to this layer (its ValueError says "
+            "why); this rank's inputs passed the checks. Every rank must call the layer with the same "
+            "shapes and arguments."
+        ) from None
+    raise err
+
+
+class _PendingCheck:
+    def __init__(self, agreement):
+        self.agreement = agreement
+
+    def wait(self) -> None:
+        try:
+            self.agreement.wait()
+        except ValueError as err:
+            _explain_disagreement(err)
 
 
 def check_inputs(layer, query, value, key):
