@@ -88,6 +88,7 @@ class AttentionCore(nn.Module):
         self._check_group = sharding.cpu_group(self.tp_group) if self.check_ranks and self.tp_size > 1 else None
         self.name = name or layer_name
         self._param_dtype = cfg.param_dtype(dtype)
+        self._compute_dtype = cfg.compute_dtype(dtype)  # Keras mixed policies: inputs are cast to it
         self._device = torch.device(device) if device is not None else None
         self._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self._key_dim))
         self._dropout_stream = None  # created at build, when the TP rank's seed is known
@@ -198,7 +199,7 @@ class AttentionCore(nn.Module):
             raise ValueError(f"Layer '{self.name}' is not built; build it (query_shape=...) before init_cache().")
         key = self._modules["key"]
         return KVCache(batch_size, max_length, key.kernel.shape[1], self._key_dim, self._value_dim,
-                       dtype=dtype or key.kernel.dtype, device=device or key.kernel.device)
+                       dtype=dtype or self._compute_dtype or key.kernel.dtype, device=device or key.kernel.device)
 
     # -- call -------------------------------------------------------------------
     def forward(

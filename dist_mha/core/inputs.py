@@ -148,6 +148,12 @@ def check_inputs(layer, query, value, key):
                 f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
             )
         tensors.append(x)
+    compute = getattr(layer, "_compute_dtype", None)
+    if compute is not None:
+        # A Keras mixed policy casts floating inputs to its compute dtype (once per
+        # distinct tensor: self-attention stays one tensor).
+        cast = {}
+        tensors = [None if x is None else cast.setdefault(id(x), x.to(compute)) for x in tensors]
     query, value, key = tensors
     key = value if key is None else key
     for name, x in (("value", value), ("key", key)):
