@@ -104,8 +104,9 @@ def main(argv=None):
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         records.append(rec)
         print(f"{case:22s} peak extra {rec['peak_extra_bytes'] / 2**20:8.1f} MiB   {rec['seconds']:.2f} s", flush=True)
-    import dist_mha
     import torch
+
+    import dist_mha
 
     doc = {"machine": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "dist_mha": dist_mha.__file__},
            "records": records}

@@ -333,12 +333,12 @@ def main(argv=None):
 
     doc["dropout_explanation"] = (
         "tp_invariant draws every dropout decision from a counter-based hash of (seed, call, global head, "
-        "query, key): the math backend materialises the (B, N_local, T, S) probabilities and dist_mha builds an "
-        "int64 flat index + splitmix64 hash (several full passes over an int64 tensor) + a float64 uniform per "
-        "element, then a bool keep-mask: ~20+ bytes and ~15 elementwise passes per attention element, plus the "
-        "math path's own (B,N,T,S) scores/probs/grad. per_rank lets SDPA (or flash-attn) draw its own dropout "
-        "from the rank's stream inside the kernel. So tp_invariant costs O(B*N*T*S) extra memory and time; "
-        "at TP=2 each rank only hashes its own heads, so the cost splits with the heads.")
+        "query, key): the math backend materialises the (B, N_local, T, S) probabilities and dist_mha hashes "
+        "an int64 flat index with splitmix64 (~10 elementwise passes) and compares the top 53 bits with the rate, "
+        "4M elements at a time, into a 1-byte keep mask: extra time O(B*N*T*S), extra memory the mask plus "
+        "~100 MB, on top of the math path's own (B,N,T,S) scores/probs/grad. per_rank lets SDPA (or flash-attn) "
+        "draw its own dropout from the rank's stream inside the kernel. At TP=2 each rank only hashes its own "
+        "heads, so the cost splits with the heads.")
     doc["total_seconds"] = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

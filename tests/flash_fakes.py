@@ -16,8 +16,6 @@ import textwrap
 
 import pytest
 
-import torch  # noqa: F401  (the fakes import it)
-
 _CORE = '''
 import torch
 

@@ -15,13 +15,13 @@ import math
 
 import pytest
 import torch
+from flash_fakes import calls  # the `fake_flash` fixture comes through conftest.py
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import MultiHeadAttention
 from dist_mha.core.kernels import AttentionRequest
 from dist_mha.core.kernels import math as math_kernel
 from dist_mha.core.masks import MaskSpec
-from flash_fakes import calls, fake_flash  # noqa: F401  (fixture)
 
 B, T, S, N, H = 2, 6, 10, 4, 8
 
