@@ -43,6 +43,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from dist_mha.core.counter_rng import _bits, _srl, keep_mask, mix64
+from dist_mha.core.generators import canonical_device as _canonical
+from dist_mha.core.generators import use_generator
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
@@ -76,13 +78,6 @@ def _check_not_recomputing(owner) -> None:
 
 
 _COUNTER = "counter:"  # state-dict key prefix of the compiled-mode counters
-
-
-def _canonical(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 class RNGStream:
@@ -178,41 +173,6 @@ class RNGStream:
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
         self.restore(dict(state["states"]))
-
-
-def _default_generator(device: torch.device):
-    if device.type == "cpu":
-        return torch.default_generator
-    return torch.get_device_module(device.type).default_generators[device.index]
-
-
-@contextlib.contextmanager
-def use_generator(gen):
-    """Inside the block, torch's default generator on `gen.device` draws from `gen` (None: no change).
-
-    CUDA: `graphsafe_set_state` shares `gen`'s state with the default
-    generator (no copy, capture-safe; `gen` advances as the kernels draw).
-    Elsewhere the states are copied in and out.
-    """
-    if gen is None:
-        yield
-        return
-    default = _default_generator(_canonical(gen.device))
-    if gen.device.type == "cuda" and hasattr(default, "graphsafe_set_state"):
-        saved = default.graphsafe_get_state()
-        default.graphsafe_set_state(gen)
-        try:
-            yield
-        finally:
-            default.graphsafe_set_state(saved)
-        return
-    saved = default.get_state()
-    default.set_state(gen.get_state())
-    try:
-        yield
-    finally:
-        gen.set_state(default.get_state())
-        default.set_state(saved)
 
 
 def forked(req):
