@@ -265,8 +265,8 @@ def main(argv=None):
                   f"{torch.get_num_threads()} threads {tp1_threads['median_ms']:8.2f} ms | others {others:.2f} cores")
 
         # 2. check_ranks cost per call
-        for shape in (("tiny", "small") if "check_ranks" in run else ()):
-            w, n = (20, 200) if not args.quick else (2, 20)
+        for shape in (("tiny", "small", "medium") if "check_ranks" in run else ()):
+            w, n = ((3, 40) if shape == "medium" else (20, 200)) if not args.quick else (2, 20)
             res, others = _measured(lambda: pool.run(mod.task_check_ranks, shape, w, n), args)
             on = statistics.median([statistics.median(r["on_us"]) for r in res])
             off = statistics.median([statistics.median(r["off_us"]) for r in res])
