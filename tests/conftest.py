@@ -18,7 +18,17 @@ def rank_pool():
     """Four gloo rank processes shared by every multi-process test (TP groups 1, 2, 4)."""
     from dist_mha.testing import RankPool
 
-    pool = RankPool(world_size=4, tp_sizes=(1, 2, 4), timeout=30.0)
+    pool = RankPool(world_size=4, tp_sizes=(1, 2, 4), timeout=30.0, grids=((1, 2), (1, 4), (2, 2)))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def rank_pool8():
+    """Eight gloo ranks for the layouts four cannot hold (TP=8; TP2 x CP4), shared across modules."""
+    from dist_mha.testing import RankPool
+
+    pool = RankPool(world_size=8, tp_sizes=(8,), timeout=60.0, grids=((2, 4),))
     yield pool
     pool.close()
 

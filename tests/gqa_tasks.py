@@ -44,6 +44,9 @@ def gqa_cases():
         ("sp_cross_gate", {"use_gate": True}, (B, T, E), (B, S, E), None, dict(value_mask=_keep(B, S)), True),
         ("dropout_invariant", {"dropout": 0.3, "seed": 5, "dropout_mode": "tp_invariant"}, (B, T, E), None, None,
          dict(use_causal_mask=True), False),
+        ("segments_causal", {}, (B, T, E), None, None,
+         dict(use_causal_mask=True, segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1], [3, 3, 4, 4, 4, 4, 4, 4]])),
+         False),
     ]
 
 

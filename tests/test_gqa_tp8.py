@@ -1,6 +1,6 @@
 """GroupQueryAttention at TP=8: eight query heads, one per rank, with 1, 2, 4 and 8
-key/value heads (replicated on 8, 4 and 2 ranks, or split). An 8-rank gloo pool
-of its own, started once for this module (about 10 s on 2 cores)."""
+key/value heads (replicated on 8, 4 and 2 ranks, or split). The 8-rank gloo
+pool (conftest.py), started once per session (about 10 s on 2 cores)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def pool8():
-    from dist_mha.testing import RankPool
-
-    pool = RankPool(world_size=8, tp_sizes=(8,), timeout=60.0)
-    yield pool
-    pool.close()
+def pool8(rank_pool8):
+    return rank_pool8
 
 
 def test_gqa_tp8_matches_reference_float64_for_every_kv_head_count(pool8):

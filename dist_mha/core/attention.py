@@ -17,12 +17,13 @@ one forward: multi-head attention is the `K == N` case.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 
 import torch
 from torch import nn
 
 from dist_mha.core import config as cfg
-from dist_mha.core import inputs, projections
+from dist_mha.core import context_attention, inputs, projections, segments
 from dist_mha.core.fused_projection import project
 from dist_mha.core.kernels import AttentionRequest, attention
 from dist_mha.core.kv_cache import KVCache
@@ -30,6 +31,7 @@ from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
 from dist_mha.core.masks import build_mask_spec
 from dist_mha.core.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 from dist_mha.keras_objects import constraints, initializers, regularizers
+from dist_mha.parallel import context as cp_layout
 from dist_mha.parallel import region, sharding
 
 DROPOUT_MODES = ("per_rank", "tp_invariant")
@@ -48,7 +50,7 @@ class AttentionCore(nn.Module):
         use_bias, sliding_window, flash_attention, kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint, bias_constraint, use_gate, seed, query_shape,
         value_shape, key_shape, attention_backend, device, dtype, tp_group, sequence_parallel, dropout_mode,
-        check_ranks, name, trainable, kwargs,
+        check_ranks, name, trainable, kwargs, cp_group=None, cp_mode="ring",
     ):
         kwargs.pop("autocast", None)  # Keras base-layer flag; torch.autocast governs here.
         if kwargs:
@@ -84,8 +86,14 @@ class AttentionCore(nn.Module):
         if dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
         self.dropout_mode = dropout_mode
+        self.cp_group = cfg.process_group("cp_group", cp_group)
+        self.cp_size, self.cp_rank = cp_layout.cp_size_of(self.cp_group), cp_layout.cp_rank_of(self.cp_group)
+        self.cp_mode = cp_mode
+        cp_layout.check_cp_layer(self, self.cp_group, cp_mode)
         self.check_ranks = cfg.boolean("check_ranks", check_ranks)
-        self._check_group = sharding.cpu_group(self.tp_group) if self.check_ranks and self.tp_size > 1 else None
+        # The rank-agreement check runs on gloo companions of the TP and CP groups.
+        self._check_groups = [sharding.cpu_group(g) for g, n in ((self.tp_group, self.tp_size),
+                                                                 (self.cp_group, self.cp_size)) if n > 1]
         self.name = name or layer_name
         self._param_dtype = cfg.param_dtype(dtype)
         self._compute_dtype = cfg.compute_dtype(dtype)  # Keras mixed policies: inputs are cast to it
@@ -149,10 +157,11 @@ class AttentionCore(nn.Module):
 
     def _make_streams(self, base: int) -> None:
         seed = self.seed if self.seed is not None else base
-        if self.seed is not None or self.tp_size > 1:
-            # seed=None at TP=1 keeps Keras's meaning: torch's global RNG. Under
-            # TP the per-rank stream needs a seed; `base` follows torch.manual_seed.
-            self._dropout_stream = RNGStream(stream_seed(seed, "attention_dropout", self.tp_rank), "attention_dropout")
+        if self.seed is not None or self.tp_size > 1 or self.cp_size > 1:
+            # seed=None on one device keeps Keras's meaning: torch's global RNG.
+            # Under TP/CP the per-rank stream needs a seed; `base` follows torch.manual_seed.
+            rank = self.tp_rank + self.tp_size * self.cp_rank
+            self._dropout_stream = RNGStream(stream_seed(seed, "attention_dropout", rank), "attention_dropout")
         self.replicated_stream = RNGStream(stream_seed(seed, "replicated"), "replicated")
         self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
 
@@ -217,8 +226,9 @@ class AttentionCore(nn.Module):
         *,
         local_scores=False,
         cache=None,
+        segment_ids=None,
     ):
-        agree = self.tp_size > 1 and self.check_ranks
+        agree = bool(self._check_groups) and self.check_ranks
         try:
             query, value, key = inputs.check_inputs(self, query, value, key)
             return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
@@ -227,17 +237,20 @@ class AttentionCore(nn.Module):
                 training = cfg.boolean("training", training)
             if cache is not None:
                 inputs.check_cache_call(self, cache, query, value, use_causal_mask)
+            if self.cp_size > 1:
+                cp_layout.check_cp_call(self, query, value, return_attention_scores, cache)
             local_error = None
         except ValueError as err:
             if not agree:
                 raise
-            local_error = err  # every rank of the group must hear of it before any collective
+            local_error = err  # every rank of the groups must hear of it before any collective
         training = self.training if training is None else training
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
         pending = None  # the rank check in flight: local work overlaps its round trip
         if agree:
-            pending = inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask],
+            pending = inputs.check_tp_call(self, query, value, key,
+                                           [query_mask, value_mask, key_mask, attention_mask, segment_ids],
                                            return_attention_scores, use_causal_mask, dropout_p > 0,
                                            -1 if cache is None else cache.length, local_error,
                                            wait=torch.compiler.is_compiling())  # compiled: one break, here
@@ -251,14 +264,23 @@ class AttentionCore(nn.Module):
         q, k, gate, v = project(projs, query, key, value, self._projection_weights(projs))  # (B, d.., n|k, H|Hv)
         layout = AttentionLayout(query.dim(), self._attention_axes)
         batch = [q.shape[d] for d in layout.batch_dims]
-        t_dims = [q.shape[d] for d in layout.attention_axes]
-        s_dims = [k.shape[d] + (0 if cache is None else cache.length) for d in layout.attention_axes]
+        # Masks and positions are global: the whole sequence under CP, cached positions included.
+        grow = self.cp_size if self.cp_size > 1 else 1
+        t_dims = [q.shape[d] * grow for d in layout.attention_axes]
+        s_dims = [k.shape[d] * grow + (0 if cache is None else cache.length) for d in layout.attention_axes]
+        q_shape, v_shape = list(query.shape), list(value.shape)
+        q_shape[1], v_shape[1] = q_shape[1] * grow, v_shape[1] * grow
         masks = build_mask_spec(
-            layout, query.shape, value.shape, (*batch, self._num_heads, *t_dims, *s_dims),
+            layout, q_shape, v_shape, (*batch, self._num_heads, *t_dims, *s_dims),
             query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask, use_causal_mask=use_causal_mask,
             sliding_window=self._sliding_window, device=query.device,
         )
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("`segment_ids` and `cache` cannot be combined: decode one document per cache row.")
+            masks.q_seg_BT, masks.k_seg_BS = segments.parse_segment_ids(
+                segment_ids, q_shape, v_shape, value is query, query.device)
         if cache is not None:
             # Keys and values of every position so far; query i sits at position L + i.
             k, v, masks.k_keep_BS, masks.q_offset = cache.append(k, v, masks.k_keep_BS)
@@ -269,9 +291,20 @@ class AttentionCore(nn.Module):
             layout.to_BTNH(q), layout.to_BTNH(k), layout.to_BTNH(v), masks,
             self._inverse_sqrt_key_dim, dropout_p, return_attention_scores,
         )
-        stream = self._dropout_for(req, h0, h1) if dropout_p > 0 else None
-        req.rng = stream  # the kernels draw dropout from the layer's stream
-        out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
+        if self.cp_size > 1:
+            if pending is not None:  # context parallelism communicates inside the kernel call
+                pending.wait()
+                pending = None
+            # Ring blocks key their dropout masks by global position; Ulysses's local kernel
+            # draws from this rank's stream (per_rank) or gets TP-invariant masks.
+            per_rank = dropout_p > 0 and self.cp_mode == "ulysses" and self.dropout_mode == "per_rank"
+            stream = self._dropout_stream if per_rank else None
+            with stream.fork(query.device) if stream is not None else _nullcontext():
+                out_BTNH, backend, why = context_attention.attend(self, req, h0, h1, t_dims[0], s_dims[0])
+            probs = None
+        else:
+            req.rng = self._dropout_for(req, h0, h1) if dropout_p > 0 else None  # kernels draw dropout from it
+            out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
         # Plain attributes, set without nn.Module.__setattr__'s per-call bookkeeping.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = backend, why
         context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)

@@ -38,7 +38,7 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
 
 
 _MASK_DTYPES = ("bool", "int", "float", "other")
-_CHECK_VALUES = 1 + 3 * 10 + 4 * 3 + 4  # the flag, query/value/key, four masks, call flags
+_CHECK_VALUES = 1 + 3 * 10 + 5 * 3 + 4  # the flag, query/value/key, four masks and segment ids, call flags
 
 
 def _mask_signature(m) -> tuple[int, int, int, str]:
@@ -49,6 +49,9 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
     """
     if m is None:
         return -1, 0, -1, "None"
+    if isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(x, torch.Tensor) for x in m):
+        shape = (tuple(m[0].shape), tuple(m[1].shape))  # segment ids of query and keys
+        return 2, hash(shape) & ((1 << 62) - 1), 1, str(shape)
     shape = tuple(np.shape(m)) if isinstance(m, (torch.Tensor, np.ndarray, list, tuple)) else ("not an array",)
     dtype = getattr(m, "dtype", None)
     kind = 0 if dtype in (torch.bool, np.bool_) else 1 if "int" in str(dtype) else 2 if "float" in str(dtype) else 3
@@ -68,14 +71,15 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     with `wait()`, which raises as this function would): the caller overlaps
     its local work with the round trip and waits before its first collective.
     """
-    if not layer.check_ranks:
+    if not layer.check_ranks or not layer._check_groups:
         return None
     if local_error is not None:
-        try:
-            sharding.check_ranks_agree(layer._check_group, [1] + [0] * (_CHECK_VALUES - 1),
-                                       ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
-        except ValueError:
-            pass  # some ranks passed their checks; they raise their own message
+        for group in layer._check_groups:
+            try:
+                sharding.check_ranks_agree(group, [1] + [0] * (_CHECK_VALUES - 1),
+                                           ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
+            except ValueError:
+                pass  # some ranks passed their checks; they raise their own message
         raise local_error
     values, names, shown = [0], ["inputs rejected"], ["no"]
     for name, x in (("query", query), ("value", value), ("key", key)):
@@ -85,7 +89,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         values += [x.dim(), *dims, FLOAT_DTYPES.index(x.dtype)]
         names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
         shown += [str(x.dim()), *[str(d) for d in dims], str(x.dtype).replace("torch.", "")]
-    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask"), masks):
+    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids"), masks):
         ndim, shape_hash, kind, text = _mask_signature(m)
         values += [ndim, shape_hash, kind]
         names += [f"{name}.ndim", f"{name}.shape", f"{name}.dtype"]
@@ -95,33 +99,43 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     shown += [str(bool(return_scores)), str(bool(causal)), str(bool(dropout)), str(cache_length)]
     assert len(values) == _CHECK_VALUES
     if wait:
-        try:
-            sharding.check_ranks_agree(layer._check_group, values, names, shown)
-        except ValueError as err:
-            _explain_disagreement(err)
+        first = None
+        for group in layer._check_groups:  # TP, then CP: every rank takes part in both before raising
+            try:
+                sharding.check_ranks_agree(group, values, names, shown)
+            except ValueError as err:
+                first = first or err
+        if first is not None:
+            _explain_disagreement(first)
         return None
-    return _PendingCheck(sharding.start_ranks_agree(layer._check_group, values, names, shown))
+    return _PendingCheck([sharding.start_ranks_agree(g, values, names, shown) for g in layer._check_groups])
 
 
 def _explain_disagreement(err: ValueError):
     if "inputs rejected" in str(err).split("(")[0]:
         raise ValueError(
-            "Another rank of the tensor-parallel group rejected its inputs to this layer (its ValueError says "
-            "why); this rank's inputs passed the checks. Every rank must call the layer with the same "
-            "shapes and arguments."
+            "Another rank of the tensor- or context-parallel group rejected its inputs to this layer (its "
+            "ValueError says why); this rank's inputs passed the checks. Every rank must call the layer with "
+            "the same shapes and arguments."
         ) from None
     raise err
 
 
 class _PendingCheck:
-    def __init__(self, agreement):
-        self.agreement = agreement
+    """The rank checks in flight (one per group: TP, then CP)."""
+
+    def __init__(self, agreements):
+        self.agreements = agreements
 
     def wait(self) -> None:
-        try:
-            self.agreement.wait()
-        except ValueError as err:
-            _explain_disagreement(err)
+        first = None
+        for agreement in self.agreements:  # every check completes before any raises
+            try:
+                agreement.wait()
+            except ValueError as err:
+                first = first or err
+        if first is not None:
+            _explain_disagreement(first)
 
 
 def check_inputs(layer, query, value, key):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dist_mha.core.layout import AttentionLayout
+from dist_mha.core.segments import segment_mask
 
 
 @dataclass
@@ -39,6 +40,8 @@ class MaskSpec:
         window: sliding-window size (keys within `window - 1` of `i + q_offset`), or None.
         q_offset: key position of query row 0 (a KV cache's length; a
             context-parallel block's offset). `S - T` is bottom-right alignment.
+        q_seg_BT, k_seg_BS: document ids of packed sequences (`segments.py`):
+            a query sees only keys of its document; negative ids are padding.
     """
 
     q_keep_BT: torch.Tensor | None = None
@@ -47,6 +50,8 @@ class MaskSpec:
     causal: bool = False
     window: int | None = None
     q_offset: int = 0
+    q_seg_BT: torch.Tensor | None = None
+    k_seg_BS: torch.Tensor | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -56,6 +61,7 @@ class MaskSpec:
             and self.dense_BNTS is None
             and not self.causal
             and self.window is None
+            and self.q_seg_BT is None
         )
 
     def combined(self, T: int, S: int, device, include_query: bool = True):
@@ -73,6 +79,8 @@ class MaskSpec:
             parts.append(self.q_keep_BT[:, None, :, None])
         if self.causal or self.window is not None:
             parts.append(positional_mask(T, S, self.causal, self.window, device, self.q_offset)[None, None])
+        if self.q_seg_BT is not None:
+            parts.append(segment_mask(self.q_seg_BT, self.k_seg_BS))
         if not parts:
             return None
         mask = parts[0]

@@ -45,8 +45,8 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
             attention output before the output projection.
         seed: Seed for the dropout stream.
         query_shape, value_shape, key_shape, attention_backend, device, dtype,
-            tp_group, sequence_parallel, dropout_mode, check_ranks: keyword-only
-            torch extras, as in `MultiHeadAttention`.
+            tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode,
+            check_ranks: keyword-only torch extras, as in `MultiHeadAttention`.
 
     Call arguments:
         query: `(B, T, Dq)`.
@@ -100,6 +100,8 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
         dtype=None,
         tp_group=None,
         sequence_parallel=False,
+        cp_group=None,
+        cp_mode="ring",
         dropout_mode="per_rank",
         check_ranks=True,
         name=None,
@@ -127,7 +129,7 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
             bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, query_shape=query_shape,
             value_shape=value_shape, key_shape=key_shape, attention_backend=attention_backend, device=device,
             dtype=dtype, tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode,
-            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs,
+            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs, cp_group=cp_group, cp_mode=cp_mode,
         )
 
     # -- Keras attributes ------------------------------------------------------

@@ -61,6 +61,14 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
             (replicated) inputs.
         sequence_parallel: keyword-only: inputs and output are sharded on dim 1
             across `tp_group` (Megatron-style); masks are still given in full.
+        cp_group: keyword-only: a process group over which the sequence is
+            split (context parallelism); inputs and output are this rank's
+            part (`dist_mha.parallel.shard_sequence`), masks are global, causal
+            and `sliding_window` use global positions. None: no CP. With
+            `tp_group` too, TP x CP is a 2-D layout. Rank-3 inputs.
+        cp_mode: keyword-only: "ring" (K/V blocks passed around the group,
+            log-sum-exp merge; any CP size) or "ulysses" (all-to-all to a head
+            shard; this rank's heads must divide by the CP size).
         dropout_mode: keyword-only: "per_rank" (default; each TP rank's heads
             draw from their own stream, fast, any backend) or "tp_invariant"
             (masks keyed by seed, call, global head and position: identical
@@ -127,6 +135,8 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
         dtype=None,
         tp_group=None,
         sequence_parallel=False,
+        cp_group=None,
+        cp_mode="ring",
         dropout_mode="per_rank",
         check_ranks=True,
         name=None,
@@ -147,7 +157,7 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
             bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, query_shape=query_shape,
             value_shape=value_shape, key_shape=key_shape, attention_backend=attention_backend, device=device,
             dtype=dtype, tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode,
-            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs,
+            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs, cp_group=cp_group, cp_mode=cp_mode,
         )
 
     # -- Keras read-only properties ------------------------------------------

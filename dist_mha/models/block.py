@@ -10,7 +10,7 @@ sublayers (none in between: the MLP's hidden activations stay sharded).
 Residual dropout acts on tensors every TP rank holds in full, so it draws
 from the attention layer's replicated stream (equal masks on all TP ranks);
 under sequence parallelism each rank holds different rows and draws from a
-per-rank stream instead.
+per-rank stream instead (so does each rank of a context-parallel group).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dist_mha.core.rng_streams import RNGStream, dropout, stream_seed
 from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel import sharding
+from dist_mha.parallel.context import cp_rank_of, cp_size_of
 from dist_mha.parallel.linear import (
     ColumnParallelLinear,
     ParallelLayerNorm,
@@ -45,6 +46,9 @@ class TransformerBlock(nn.Module):
         attention: optional module replacing the default `MultiHeadAttention`;
             it is called as `attention(h, h, value_mask=..., use_causal_mask=...)`.
         tp_group, sequence_parallel: tensor parallelism, as in `MultiHeadAttention`.
+        cp_group, cp_mode: context parallelism, as in `MultiHeadAttention`: `x`
+            is this rank's part of the sequence (`shard_sequence`), the
+            padding mask stays global.
         seed: seeds dropout streams (None: drawn from torch's global RNG).
         dropout_mode: attention dropout mode ("per_rank" or "tp_invariant").
         device, dtype: of the parameters.
@@ -54,6 +58,8 @@ class TransformerBlock(nn.Module):
         padding_mask: optional bool `(B, T)`, True for real tokens (always full length).
         cache: optional `KVCache` of the attention layer (`block.attention.init_cache`)
             for incremental decoding.
+        segment_ids: optional int `(B, T)` document ids of packed sequences
+            (global under sequence/context parallelism; negative: padding).
 
     Returns:
         A tensor shaped like `x`.
@@ -66,8 +72,8 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, mlp_ratio=4, dropout=0.0, attention_dropout=0.0,
-                 causal=True, attention=None, tp_group=None, sequence_parallel=False, seed=None,
-                 dropout_mode="per_rank", device=None, dtype=None):
+                 causal=True, attention=None, tp_group=None, sequence_parallel=False, cp_group=None,
+                 cp_mode="ring", seed=None, dropout_mode="per_rank", device=None, dtype=None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"Received embed_dim={embed_dim} not divisible by num_heads={num_heads}.")
@@ -80,6 +86,8 @@ class TransformerBlock(nn.Module):
         self.norm1 = ParallelLayerNorm(embed_dim, **ln)
         common = dict(dropout=attention_dropout, seed=seed, query_shape=embed_dim, tp_group=tp_group,
                       sequence_parallel=sequence_parallel, dropout_mode=dropout_mode, device=device, dtype=dtype)
+        if cp_group is not None:
+            common.update(cp_group=cp_group, cp_mode=cp_mode)
         if attention is not None:
             self.attention = attention
         elif num_kv_heads is None or num_kv_heads == num_heads:
@@ -91,9 +99,12 @@ class TransformerBlock(nn.Module):
         lin = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
         self.fc1 = ColumnParallelLinear(embed_dim, hidden, salt=1, **lin)
         self.fc2 = RowParallelLinear(hidden, embed_dim, salt=2, **lin)
-        rank = sharding.tp_rank_of(tp_group)
+        # Residual dropout acts on rows this rank holds: replicated across TP, unless SP
+        # or CP gives each rank other rows, which then need their own masks.
+        cp = cp_size_of(cp_group)
+        rank = (sharding.tp_rank_of(tp_group) if self.sequence_parallel else 0) + sharding.tp_size_of(tp_group) * cp_rank_of(cp_group)
         self.residual_stream = RNGStream(
-            stream_seed(seed, "residual", rank if self.sequence_parallel else None), "residual"
+            stream_seed(seed, "residual", rank if (self.sequence_parallel or cp > 1) else None), "residual"
         )
 
     def rng_streams(self):
@@ -112,9 +123,11 @@ class TransformerBlock(nn.Module):
             return x
         return dropout(x, self.dropout, self.residual_stream)
 
-    def forward(self, x, padding_mask=None, cache=None):
+    def forward(self, x, padding_mask=None, cache=None, segment_ids=None):
         h = self.norm1(x)
         extra = {} if cache is None else {"cache": cache}
+        if segment_ids is not None:
+            extra["segment_ids"] = segment_ids
         x = x + self._drop(self.attention(h, h, value_mask=padding_mask, use_causal_mask=self.causal, **extra))
         h = self.norm2(x)
         return x + self._drop(self.fc2(F.gelu(self.fc1(h))))

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mha.core.segments import document_positions
 from dist_mha.keras_objects import initializers
 from dist_mha.models.block import TransformerBlock
 from dist_mha.parallel import sharding
 from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
+from dist_mha.parallel.context import cp_size_of, positions
 from dist_mha.parallel.linear import ParallelLayerNorm
 
 
@@ -32,6 +34,9 @@ class DecoderLM(nn.Module):
             many as `num_heads`; 1: multi-query attention).
         dropout: residual and embedding dropout; attention_dropout: on attention probabilities.
         tp_group, sequence_parallel, dropout_mode: tensor parallelism (see `MultiHeadAttention`).
+        cp_group, cp_mode: context parallelism: `tokens` is this rank's part
+            of the sequence (`shard_sequence`), positions are global, and the
+            logits are this rank's part too.
         seed: seeds dropout streams (None: drawn from torch's global RNG).
         device, dtype: of the parameters.
 
@@ -40,6 +45,9 @@ class DecoderLM(nn.Module):
         cache: optional `DecoderCache` from `init_cache`: the tokens continue
             the cached sequence (positions start at `cache.length`), and their
             keys and values are appended to it.
+        segment_ids: optional int `(B, T)` document ids of packed rows (full
+            length, global under CP): attention stays within a document and
+            position ids restart at each document's first token.
 
     Returns:
         Logits `(B, T, V)`.
@@ -47,11 +55,12 @@ class DecoderLM(nn.Module):
 
     def __init__(self, vocab_size, max_len, embed_dim=64, num_heads=4, num_layers=2, mlp_ratio=4, dropout=0.0,
                  attention_dropout=0.0, *, num_kv_heads=None, tp_group=None, sequence_parallel=False,
-                 dropout_mode="per_rank", seed=None, device=None, dtype=None):
+                 cp_group=None, cp_mode="ring", dropout_mode="per_rank", seed=None, device=None, dtype=None):
         super().__init__()
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
         self.max_len = max_len
+        self.cp_group = cp_group
         base = sharding.agreed_random_base(tp_group, device)
         init = initializers.RandomNormal(stddev=0.02)
         self.tok = nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
@@ -63,7 +72,8 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, num_kv_heads=num_kv_heads, mlp_ratio=mlp_ratio, dropout=dropout,
                              attention_dropout=attention_dropout, tp_group=tp_group,
-                             sequence_parallel=sequence_parallel, seed=seed + 1000 * (i + 1),
+                             sequence_parallel=sequence_parallel, cp_group=cp_group, cp_mode=cp_mode,
+                             seed=seed + 1000 * (i + 1),
                              dropout_mode=dropout_mode, device=device, dtype=dtype)
             for i in range(num_layers)
         )
@@ -76,22 +86,32 @@ class DecoderLM(nn.Module):
 
         return DecoderCache(self, batch_size, self.max_len if max_length is None else max_length)
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens, cache=None, segment_ids=None):
         T = tokens.shape[1]
         start = 0 if cache is None else cache.length
-        if start + T > self.max_len:
+        if start + T * cp_size_of(self.cp_group) > self.max_len:
             raise ValueError(
-                f"Received {T} tokens at position {start}: the model has position embeddings for max_len="
+                f"Received {T * cp_size_of(self.cp_group)} tokens at position {start}: the model has position embeddings for max_len="
                 f"{self.max_len} positions. Shorten the sequence (or the generation)."
             )
-        x = self.tok(tokens) + self.pos(torch.arange(start, start + T, device=tokens.device))
+        if self.cp_group is not None and cp_size_of(self.cp_group) > 1:
+            if cache is not None:
+                raise ValueError("KV-cache decoding runs without context parallelism; build the model without cp_group.")
+            pos = positions(T * cp_size_of(self.cp_group), self.cp_group, tokens.device)  # this rank's global positions
+        else:
+            pos = torch.arange(start, start + T, device=tokens.device)
+        if segment_ids is not None:
+            # Each document starts at position 0, as it would alone.
+            within = document_positions(torch.as_tensor(segment_ids, device=tokens.device))
+            pos = within.gather(1, pos.expand(within.shape[0], -1))
+        x = self.tok(tokens) + self.pos(pos)
         if self.sequence_parallel:
             if cache is not None:
                 raise ValueError("KV-cache decoding runs without sequence parallelism; build the model with "
                                  "sequence_parallel=False for generation (the weights are the same).")
             x = scatter_to_tp(self.tp_group, x, 1)  # (B, T/tp, E)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache.layers[i])
+            x = block(x, cache=None if cache is None else cache.layers[i], segment_ids=segment_ids)
         x = self.norm(x)
         if self.sequence_parallel:
             x = gather_from_tp(self.tp_group, x, 1)  # (B, T, E)

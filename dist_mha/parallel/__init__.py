@@ -1,4 +1,4 @@
-"""Tensor parallelism: process groups, region collectives, head sharding, checkpoints."""
+"""Parallelism: process groups, region collectives, head sharding, checkpoints, context parallelism."""
 
 from dist_mha.parallel.collectives import (
     all_to_all_tp,
@@ -9,6 +9,7 @@ from dist_mha.parallel.collectives import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from dist_mha.parallel.context import gather_sequence, shard_sequence
 from dist_mha.parallel.state import MPU, ParallelState, build_parallel_state
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "all_to_all_tp",
     "build_parallel_state",
     "copy_to_tp",
+    "gather_sequence",
     "gather_from_sp",
     "gather_from_tp",
     "reduce_from_tp",
     "reduce_scatter_to_sp",
     "scatter_to_tp",
+    "shard_sequence",
 ]

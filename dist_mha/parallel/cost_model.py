@@ -13,10 +13,11 @@ full (gathered) tensor, all-to-all (p-1)/p x payload.
 |---|---|---|
 | TP | all-reduce B*T*O | all-reduce B*(T*Dq + S*Dv [+ S*Dk]) (one, fused) |
 | TP + SP | all-gather per distinct input; reduce-scatter B*T*O | all-gather B*T*O; reduce-scatter per input; all-reduce O (bias) |
-| CP (ring) | (p-1) K/V shard exchanges: B*S/p*N*(H+Hv) each | 2x forward (K/V and their gradients) |
+| CP ring | (p-1) sends of the K/V block B*S/p*k*(H+Hv) | (p-1) K/V sends + p dK/dV sends (float32 for half inputs) |
+| CP Ulysses | all-to-all of q B*T/p*n*H, k and v (or an all-gather when k < p), and of the output B*T*n/p*Hv | the same (autograd twins) |
 
-Context parallelism is not implemented; its row is the standard ring-attention
-estimate, for comparison.
+n / k are the query / key-value heads on one TP rank. Ring sends overlap the
+block computations (`ring.py`); the TP and Ulysses collectives do not.
 """
 
 from __future__ import annotations
@@ -71,10 +72,39 @@ def wire_bytes(op: str, payload: int, p: int) -> float:
     raise ValueError(f"unknown collective {op!r}")
 
 
-def cp_wire_bytes(c: CallShape, p: int) -> dict:
-    """Ring context parallelism: each rank passes its K/V shard around the ring."""
-    shard = c.B * (c.S // p) * c.N * (c.H + c.Hv) * c.bytes_per_element
-    return {"forward": (p - 1) * shard, "backward": 2 * (p - 1) * shard}
+def cp_payloads(c: CallShape, p: int, mode: str, tp: int = 1, kv_heads: int | None = None) -> dict:
+    """Context parallelism: `{"forward": [(op, payload_bytes)], "backward": [...]}` for one call on one rank.
+
+    `op` is "p2p" (one send; ring), "all_to_all", "all_gather" or "reduce_scatter"
+    (Ulysses; the last two when there are fewer key/value heads than CP ranks).
+    `kv_heads`: key/value heads of the layer (default N). `c.T`, `c.S` are global.
+    """
+    b = c.bytes_per_element
+    n = c.N // tp
+    k = max((c.N if kv_heads is None else kv_heads) // tp, 1)
+    t, s = c.T // p, c.S // p
+    if mode == "ring":
+        kv = c.B * s * k * (c.H + c.Hv)
+        acc = max(b, 4)  # dK/dV travel in float32 (float64 for float64)
+        return {"forward": [("p2p", kv * b)] * (p - 1),
+                "backward": [("p2p", kv * b)] * (p - 1) + [("p2p", kv * acc)] * p}
+    if mode == "ulysses":
+        q_op = ("all_to_all", c.B * t * n * c.H * b)
+        out_op = ("all_to_all", c.B * c.T * (n // p) * c.Hv * b)
+        if k % p == 0:
+            kv = [("all_to_all", c.B * s * k * c.H * b), ("all_to_all", c.B * s * k * c.Hv * b)]
+            return {"forward": [q_op, *kv, out_op], "backward": [q_op, *kv, out_op]}
+        # Fewer key/value heads than CP ranks: all-gather forward, reduce-scatter of the full tensor backward.
+        fwd = [("all_gather", c.B * s * k * c.H * b), ("all_gather", c.B * s * k * c.Hv * b)]
+        bwd = [("reduce_scatter", c.B * c.S * k * c.H * b), ("reduce_scatter", c.B * c.S * k * c.Hv * b)]
+        return {"forward": [q_op, *fwd, out_op], "backward": [q_op, *bwd, out_op]}
+    raise ValueError(f"unknown cp mode {mode!r}")
+
+
+def cp_wire_bytes(c: CallShape, p: int, mode: str = "ring", tp: int = 1, kv_heads: int | None = None) -> dict:
+    """Bytes each rank sends per call for context parallelism: `{"forward": n, "backward": n}`."""
+    pay = cp_payloads(c, p, mode, tp, kv_heads)
+    return {phase: sum(n if op == "p2p" else wire_bytes(op, n, p) for op, n in ops) for phase, ops in pay.items()}
 
 
 def predict_seconds(c: CallShape, p: int, bandwidth_bytes_per_s: float, sequence_parallel: bool = False) -> float:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
-from dist_mha.parallel import sharding
+from dist_mha.parallel import context, sharding
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -50,8 +50,10 @@ def compare_with_reference(
     seed: int = 0,
     check: bool = True,
     layer_cls=None,
+    cp_group=None,
+    cp_mode: str = "ring",
 ) -> dict:
-    """Runs on every rank of `group`: TP layer vs reference; returns max errors.
+    """Runs on every rank of `group` (and `cp_group`): the parallel layer vs a reference; returns max errors.
 
     Args:
         group: the TP process group (every rank of it must call this).
@@ -65,6 +67,9 @@ def compare_with_reference(
         check: raise AssertionError when a tolerance is exceeded.
         layer_cls: the layer class (default `MultiHeadAttention`; e.g.
             `GroupQueryAttention`, whose `layer_kwargs` are its own).
+        cp_group, cp_mode: context parallelism: inputs and outputs are this
+            rank's `shard_sequence` parts; weight gradients are summed over
+            `cp_group` first (what data-parallel training does).
 
     Returns:
         `{"max_abs_error": {"output", "input_grads", "weight_grads"}, "backend": name}`.
@@ -75,14 +80,21 @@ def compare_with_reference(
     layer_cls = layer_cls or MultiHeadAttention
     ref = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
                              dtype=dtype, device=device)
+    extra = {} if cp_group is None else {"cp_group": cp_group, "cp_mode": cp_mode}
     tp = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
-                            dtype=dtype, device=device, tp_group=group, sequence_parallel=sequence_parallel)
+                   dtype=dtype, device=device, tp_group=group, sequence_parallel=sequence_parallel, **extra)
     tp.set_weights(ref.get_weights())
     q, v, k = _inputs((query_shape, value_shape, key_shape), dtype, device, seed)
     distinct = [x for i, x in enumerate((q, v, k)) if x is not None and all(x is not y for y in (q, v, k)[:i])]
 
+    def local(x):
+        """This rank's part of a full (B, T, ...) tensor."""
+        if cp_group is not None:
+            return context.shard_sequence(x, cp_group, 1)
+        return sharding.own_slice(x, 1, group) if sequence_parallel else x
+
     def run(layer, xs, shard):
-        leaves = [(sharding.own_slice(x, 1, group) if shard else x).detach().clone().requires_grad_() for x in xs]
+        leaves = [(local(x) if shard else x).detach().clone().requires_grad_() for x in xs]
         by_id = {id(x): leaf for x, leaf in zip(xs, leaves)}
         out = layer(by_id[id(q)], by_id[id(v)], None if k is None else by_id[id(k)], **call_kwargs)
         out = out[0] if isinstance(out, tuple) else out
@@ -91,29 +103,29 @@ def compare_with_reference(
     ref_out, ref_leaves = run(ref, distinct, False)
     probe = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype=dtype, device=device)
     (ref_out * probe).sum().backward()
-    tp_out, tp_leaves = run(tp, distinct, sequence_parallel)
-    local_probe = sharding.own_slice(probe, 1, group) if sequence_parallel else probe
-    (tp_out * local_probe).sum().backward()
+    tp_out, tp_leaves = run(tp, distinct, True)
+    (tp_out * local(probe)).sum().backward()
 
     def err(a, b):
         return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
-    expect_out = sharding.own_slice(ref_out, 1, group) if sequence_parallel else ref_out
-    errors = {"output": err(tp_out.detach(), expect_out.detach())}
-    errors["input_grads"] = max(
-        err(t.grad, sharding.own_slice(r.grad, 1, group) if sequence_parallel else r.grad)
-        for t, r in zip(tp_leaves, ref_leaves)
-    )
+    errors = {"output": err(tp_out.detach(), local(ref_out).detach())}
+    errors["input_grads"] = max(err(t.grad, local(r.grad)) for t, r in zip(tp_leaves, ref_leaves))
     w_errs = []
     for w_tp, w_ref in zip(tp._keras_weights(), ref._keras_weights()):
-        w_errs.append(err(w_tp.param.grad, sharding.own_slice(w_ref.param.grad, w_tp.dim, group, w_tp.replicas)))
+        grad = w_tp.param.grad
+        if cp_group is not None:
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad, group=cp_group)
+        w_errs.append(err(grad, sharding.own_slice(w_ref.param.grad, w_tp.dim, group, w_tp.replicas)))
     errors["weight_grads"] = max(w_errs)
     if check:
         tol = TOLERANCE[dtype]
         limits = {"output": tol, "input_grads": tol, "weight_grads": 10 * tol}
         bad = {k: v for k, v in errors.items() if not v <= limits[k] * max(1.0, _scale(k, ref_out, ref))}
         if bad:
-            raise AssertionError(f"TP={sharding.tp_size_of(group)} differs from the reference beyond tolerance {tol}: {bad}")
+            layout = f"TP={sharding.tp_size_of(group)}" + (f" x CP={context.cp_size_of(cp_group)} ({cp_mode})" if cp_group is not None else "")
+            raise AssertionError(f"{layout} differs from the reference beyond tolerance {tol}: {bad}")
     return {"max_abs_error": errors, "backend": tp.last_backend}
 
 
@@ -124,14 +136,22 @@ def _scale(kind, ref_out, ref) -> float:
     return max(p.grad.abs().max().item() for p in ref.weights)
 
 
-def _pool_task(ctx, tp, *args, **kwargs):
-    return compare_with_reference(ctx.group(tp), *args, **kwargs)
+def _pool_task(ctx, tp, cp, *args, **kwargs):
+    if cp == 1:
+        return compare_with_reference(ctx.group(tp), *args, **kwargs)
+    tp_group, cp_group = ctx.grid(tp, cp)
+    return compare_with_reference(tp_group, *args, cp_group=cp_group, **kwargs)
 
 
 def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None, call_kwargs=None, *, tp=2,
                     dtype=torch.float64, sequence_parallel=False, seed=0, pool=None, device="cpu",
-                    layer_cls=None) -> dict:
-    """Spawns `tp` gloo ranks (or uses `pool`) and runs `compare_with_reference` on them.
+                    layer_cls=None, cp=1, cp_mode="ring") -> dict:
+    """Spawns `tp * cp` gloo ranks (or uses `pool`) and runs `compare_with_reference` on them.
+
+    With `cp > 1` the layer runs TP x CP (TP ranks contiguous) in `cp_mode`,
+    on `shard_sequence` parts of the inputs (global lengths divisible by 2 * cp).
+    Call it from a script's `if __name__ == "__main__":` block: the ranks are
+    spawned processes that import the main module.
 
     Returns:
         Rank 0's report; raises AssertionError (inside a `RankError`) on a mismatch.
@@ -139,11 +159,12 @@ def check_tp_parity(layer_kwargs, query_shape, value_shape=None, key_shape=None,
     from dist_mha.testing.pool import RankPool
 
     own = pool is None
-    pool = pool or RankPool(world_size=tp, tp_sizes=(tp,), device=device)
+    grids = ((tp, cp),) if cp > 1 else ()
+    pool = pool or RankPool(world_size=tp * cp, tp_sizes=(tp,), device=device, grids=grids)
     try:
-        return pool.run(_pool_task, tp, layer_kwargs, query_shape, value_shape, key_shape, call_kwargs,
+        return pool.run(_pool_task, tp, cp, layer_kwargs, query_shape, value_shape, key_shape, call_kwargs,
                         dtype=dtype, sequence_parallel=sequence_parallel, seed=seed, device=device,
-                        layer_cls=layer_cls)[0]
+                        layer_cls=layer_cls, **({"cp_mode": cp_mode} if cp > 1 else {}))[0]
     finally:
         if own:
             pool.close()

@@ -49,9 +49,14 @@ class RankContext:
     groups: dict
     device: str
     scratch: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
 
     def group(self, tp_size: int):
         return self.groups[tp_size]
+
+    def grid(self, tp_size: int, cp_size: int):
+        """`(tp_group, cp_group)` of this rank in a TP x CP layout (TP ranks contiguous)."""
+        return self.grids[(tp_size, cp_size)]
 
 
 def _resolve(name: str):
@@ -62,7 +67,22 @@ def _resolve(name: str):
     return obj
 
 
-def _worker(rank, world, port, tp_sizes, timeout, device, conn, path):
+def _grid_groups(rank, world, tp, cp, timeout):
+    """Every rank creates every group (collective); returns this rank's (TP, CP) pair."""
+    mine = [None, None]
+    for start in range(0, world, tp * cp):
+        for t in range(cp):
+            ranks = list(range(start + t * tp, start + (t + 1) * tp))
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
+            mine[0] = g if rank in ranks else mine[0]
+        for t in range(tp):
+            ranks = list(range(start + t, start + tp * cp, tp))
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
+            mine[1] = g if rank in ranks else mine[1]
+    return tuple(mine)
+
+
+def _worker(rank, world, port, tp_sizes, timeout, device, conn, path, grids=()):
     sys.path[:] = path
     torch.set_num_threads(1)
     try:
@@ -76,6 +96,8 @@ def _worker(rank, world, port, tp_sizes, timeout, device, conn, path):
                 if rank in ranks:
                     groups[tp] = g
         ctx = RankContext(rank, world, groups, device)
+        for tp, cp in grids:
+            ctx.grids[(tp, cp)] = _grid_groups(rank, world, tp, cp, timeout)
         conn.send(("ready", None))
     except BaseException:
         conn.send(("err", traceback.format_exc()))
@@ -102,10 +124,13 @@ class RankPool:
             TP ranks are contiguous.
         timeout: seconds for rendezvous and for every collective.
         device: "cpu" or "cuda" for `RankContext.device`.
+        grids: `(tp, cp)` pairs (tp * cp divides `world_size`) for which TP x
+            CP groups are created (`RankContext.grid(tp, cp)`).
     """
 
-    def __init__(self, world_size: int = 2, tp_sizes=None, timeout: float = 30.0, device: str = "cpu"):
+    def __init__(self, world_size: int = 2, tp_sizes=None, timeout: float = 30.0, device: str = "cpu", grids=()):
         self.world_size = world_size
+        self.grids = tuple(tuple(g) for g in grids)
         self.tp_sizes = tuple(tp_sizes or [d for d in (1, 2, 4, 8) if world_size % d == 0 and d <= world_size])
         self.timeout = timeout
         self.device = device
@@ -124,7 +149,8 @@ class RankPool:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker,
-                    args=(r, self.world_size, store.port, self.tp_sizes, self.timeout, self.device, child, list(sys.path)),
+                    args=(r, self.world_size, store.port, self.tp_sizes, self.timeout, self.device, child, list(sys.path),
+                          self.grids),
                     daemon=True,
                 )
                 p.start()

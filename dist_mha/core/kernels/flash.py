@@ -71,6 +71,8 @@ def _common_refusals(req: AttentionRequest) -> list[str]:
         reasons.append(f"key_dim {q.shape[-1]} != value_dim {v.shape[-1]}")
     if q.shape[-1] > 256:
         reasons.append(f"head size {q.shape[-1]} > 256")
+    if m.q_seg_BT is not None:
+        reasons.append("segment ids (packed documents) need a dense mask here; flash-attn takes only causal and padding")
     if m.dense_BNTS is not None:
         reasons.append("an attention_mask (or a non-rank-3 layout) needs a dense (T, S) mask; flash-attn takes only causal and padding")
     if (m.causal or m.window is not None) and m.q_offset != req.S - req.T:

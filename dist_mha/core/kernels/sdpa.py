@@ -93,7 +93,8 @@ def _all_rows_live(masks) -> bool:
     Checked on CPU only, in eager mode: on CUDA reading the answer would wait
     for the GPU, and under torch.compile it would break the graph.
     """
-    if masks.dense_BNTS is not None or masks.causal or masks.window is not None or masks.k_keep_BS is None:
+    if masks.dense_BNTS is not None or masks.causal or masks.window is not None or masks.k_keep_BS is None \
+            or masks.q_seg_BT is not None:
         return False
     if masks.k_keep_BS.device.type != "cpu" or torch.compiler.is_compiling():
         return False
@@ -104,7 +105,8 @@ def run(req: AttentionRequest):
     """Returns `(out_BTNH, None)`."""
     masks = req.masks
     keep = None
-    causal_alone = masks.causal and masks.dense_BNTS is None and masks.k_keep_BS is None and masks.window is None
+    causal_alone = masks.causal and masks.dense_BNTS is None and masks.k_keep_BS is None and masks.window is None \
+        and masks.q_seg_BT is None
     if causal_alone and masks.q_offset >= req.S - 1:
         # Every query sees every key (one decoding step over a KV cache).
         mask, is_causal = None, False

@@ -1,0 +1,205 @@
+"""Ragged batches at the cost of their valid tokens: attention per sequence.
+
+Shape legend: B batch, T query positions, S key positions, N query heads, K
+key/value heads, H / Hv head sizes; a "sequence" is a query range of one row
+with the keys it may see.
+
+Key padding, query padding and packed documents (`segment_ids`) make a batch
+a set of independent sequences. This backend finds them from the masks and
+runs torch SDPA once per sequence on just its rows: a row padded to half its
+length costs a quarter of a full row's attention, a packed row costs the sum
+of its documents' squares, and no `(T, S)` mask is built except a window's
+band. Three decompositions, tried in order:
+
+1. segment ids: every document (a run of one id >= 0 in the query ids and
+   the same id's run in the key ids) is a sequence; key padding may trim a
+   run at its ends (it must stay contiguous);
+2. key padding whose valid keys form one contiguous range per row (right,
+   left or both-sided padding): one sequence per row over that range, causal
+   and window masks keep their global positions through an offset;
+3. key padding alone (no causal/window): one sequence per row over its valid
+   keys, gathered (any pattern).
+
+Query padding zeroes output rows, as everywhere. The plan is read from the
+masks on the host, so this backend serves CPU tensors in eager mode only (on
+CUDA, flash-attn's varlen kernels are the ragged path). An attention_mask,
+returned scores or TP-invariant dropout need the dense paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dist_mha.core.kernels.request import AttentionRequest, zero_rows
+from dist_mha.core.masks import positional_mask
+from dist_mha.core.rng_streams import forked
+
+NAME = "varlen"
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """Query rows `[q0, q1)` of batch row `b` against keys `[k0, k1)` (or the gathered `keys`)."""
+
+    b: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    keys: tuple | None = None  # explicit key indices (pattern 3)
+
+
+def _runs(row: list[int]) -> dict[int, tuple[int, int]] | None:
+    """`{id: (start, stop)}` of the non-negative ids of one row; None if an id is not one contiguous run."""
+    runs, prev = {}, None
+    for i, x in enumerate(row):
+        if x < 0:
+            prev = x
+            continue
+        if x != prev:
+            if x in runs:
+                return None
+            runs[x] = [i, i + 1]
+        else:
+            runs[x][1] = i + 1
+        prev = x
+    return {k: tuple(v) for k, v in runs.items()}
+
+
+def _range(keep: list[bool]) -> tuple[int, int] | None:
+    """`(start, stop)` when the True entries are one contiguous range (None if not; (0, 0) if none)."""
+    idx = [i for i, k in enumerate(keep) if k]
+    if not idx:
+        return 0, 0
+    return (idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else None
+
+
+def plan(req: AttentionRequest) -> tuple[list[Sequence] | None, str]:
+    """The sequences of `req` (cached on it), or `(None, why not)`."""
+    cached = getattr(req, "_varlen_plan", None)
+    if cached is not None:
+        return cached
+    result = _plan(req)
+    req._varlen_plan = result
+    return result
+
+
+def _plan(req):
+    m = req.masks
+    if m.dense_BNTS is not None:
+        return None, "an attention_mask (or a non-rank-3 layout) needs a dense mask"
+    if m.q_seg_BT is None and m.k_keep_BS is None:
+        return None, "no key padding or segment ids: nothing to skip (SDPA serves the whole batch)"
+    if m.q_offset:
+        return None, "a query offset (KV cache) is served by SDPA"
+    B, T, S = req.q_BTNH.shape[0], req.T, req.S
+    keep = m.k_keep_BS.tolist() if m.k_keep_BS is not None else [[True] * S] * B
+    seqs = []
+    if m.q_seg_BT is not None:
+        q_ids, k_ids = m.q_seg_BT.tolist(), m.k_seg_BS.tolist()
+        for b in range(B):
+            q_runs, k_runs = _runs(q_ids[b]), _runs(k_ids[b])
+            if q_runs is None or k_runs is None:
+                return None, "a document id occurs in more than one run of a row (documents must be contiguous)"
+            for doc, (q0, q1) in q_runs.items():
+                if doc not in k_runs:
+                    continue  # no key of this document: zero context
+                k0, k1 = k_runs[doc]
+                span = _range(keep[b][k0:k1])
+                if span is None:
+                    return None, "key padding inside a document (its valid keys are not contiguous)"
+                if span[1] > span[0]:
+                    seqs.append(Sequence(b, q0, q1, k0 + span[0], k0 + span[1]))
+        return seqs, "segments"
+    # Query rows: the valid range of a contiguous query mask (padded queries are zeroed anyway).
+    q_spans = [(0, T)] * B
+    if m.q_keep_BT is not None:
+        q_spans = [_range(row) or (0, T) for row in m.q_keep_BT.tolist()]
+    spans = [_range(row) for row in keep]
+    if all(s is not None for s in spans):
+        return [Sequence(b, q0, q1, k0, k1) for b, ((k0, k1), (q0, q1)) in enumerate(zip(spans, q_spans))
+                if k1 > k0 and q1 > q0], "contiguous padding"
+    if m.causal or m.window is not None:
+        return None, "causal/window with non-contiguous key padding would shift positions"
+    return [Sequence(b, q0, q1, 0, S, tuple(i for i, k in enumerate(row) if k))
+            for b, (row, (q0, q1)) in enumerate(zip(keep, q_spans)) if any(row) and q1 > q0], "gathered keys"
+
+
+def refusals(req: AttentionRequest) -> list[str]:
+    """Why this backend cannot serve `req` (empty when it can)."""
+    reasons = []
+    if req.q_BTNH.device.type != "cpu":
+        reasons.append(f"inputs are on {req.q_BTNH.device.type}; the per-sequence plan is read on the host (CPU only)")
+    elif torch.compiler.is_compiling():
+        reasons.append("under torch.compile the plan (read from mask values) would break the graph")
+    if req.need_scores:
+        reasons.append("it does not return attention probabilities (return_attention_scores=True)")
+    if req.dropout_p > 0 and req.dropout_keep is not None:
+        reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
+    if not reasons:
+        seqs, why = plan(req)
+        if seqs is None:
+            reasons.append(why)
+    return reasons
+
+
+def _attend(q_1TNH, k_1SKH, v_1SKH, req, seq):
+    """SDPA on one sequence; query i sits at key position `i + q0 - k0` for causal/window."""
+    m = req.masks
+    T, S = q_1TNH.shape[1], k_1SKH.shape[1]
+    offset = seq.q0 - seq.k0 if seq.keys is None else 0
+    mask, is_causal = None, False
+    if m.causal or m.window is not None:
+        if m.causal and m.window is None and offset == 0:
+            is_causal = True
+        elif m.causal and m.window is None and offset >= S - 1:
+            pass  # every query sees every key of the sequence
+        else:
+            mask = positional_mask(T, S, m.causal, m.window, q_1TNH.device, offset)
+    gqa = {"enable_gqa": True} if req.groups > 1 else {}
+    out = F.scaled_dot_product_attention(
+        q_1TNH.transpose(1, 2), k_1SKH.transpose(1, 2), v_1SKH.transpose(1, 2), attn_mask=mask,
+        dropout_p=req.dropout_p, is_causal=is_causal, scale=req.scale, **gqa)
+    out = out.transpose(1, 2)
+    if mask is not None:
+        # Rows the window or an offset leaves without a key: zero context (SDPA would give NaN or a mean).
+        live = mask.any(dim=-1)
+        if not bool(live.all()):
+            out = zero_rows(out, live[None, :, None, None])
+    return out
+
+
+def run(req: AttentionRequest):
+    """Returns `(out_BTNH, None)`."""
+    seqs, _ = plan(req)
+    q, k, v = req.q_BTNH, req.k_BSNH, req.v_BSNH
+    B, T, N = q.shape[:3]
+    Hv = v.shape[-1]
+    rows = [[] for _ in range(B)]  # per batch row: (q0, q1, out)
+    with forked(req):  # SDPA's dropout draws from the layer's RNG stream
+        for seq in seqs:
+            b = seq.b
+            if seq.keys is None:
+                k_s, v_s = k[b:b + 1, seq.k0:seq.k1], v[b:b + 1, seq.k0:seq.k1]
+            else:
+                idx = torch.tensor(seq.keys, device=k.device)
+                k_s, v_s = k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx)
+            rows[b].append((seq.q0, seq.q1, _attend(q[b:b + 1, seq.q0:seq.q1], k_s, v_s, req, seq)))
+    out_rows = []
+    for b in range(B):
+        pieces, pos = [], 0
+        for q0, q1, out in sorted(rows[b], key=lambda r: r[0]):
+            if q0 > pos:
+                pieces.append(q.new_zeros(1, q0 - pos, N, Hv))
+            pieces.append(out.to(q.dtype))
+            pos = q1
+        if pos < T:
+            pieces.append(q.new_zeros(1, T - pos, N, Hv))
+        out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    out = torch.cat(out_rows, dim=0)
+    if req.masks.q_keep_BT is not None:
+        out = zero_rows(out, req.masks.q_keep_BT[:, :, None, None])
+    return out, None
