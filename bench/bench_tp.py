@@ -225,7 +225,10 @@ def main(argv=None):
                     help="before each group, wait up to SECONDS until other processes use < 0.2 CPU cores")
     ap.add_argument("--retries", type=int, default=0,
                     help="re-run a group up to N more times when other processes used > 0.2 cores; keep the quietest")
+    ap.add_argument("--only", choices=["tp_scaling", "check_ranks", "dropout_mode"], action="append",
+                    help="run only these sections (repeatable); default: all")
     args = ap.parse_args(argv)
+    run = set(args.only or ["tp_scaling", "check_ranks", "dropout_mode"])
 
     import bench_attention as ba
     import bench_tp as mod  # tasks must be resolved as bench_tp:<name> by the workers, not __main__
@@ -243,7 +246,7 @@ def main(argv=None):
     pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0)
     try:
         # 1. TP=2 vs TP=1
-        for shape in ("small", "medium"):
+        for shape in (("small", "medium") if "tp_scaling" in run else ()):
             w, n = it[shape]
             (r1, r2, (par, backend)), others = _measured(lambda: (
                 pool.run(mod.task_fwdbwd, 1, shape, w, n),
@@ -262,8 +265,8 @@ def main(argv=None):
                   f"{torch.get_num_threads()} threads {tp1_threads['median_ms']:8.2f} ms | others {others:.2f} cores")
 
         # 2. check_ranks cost per call
-        for shape in ("tiny", "small"):
-            w, n = (20, 200) if not args.quick else (2, 20)
+        for shape in (("tiny", "small", "medium") if "check_ranks" in run else ()):
+            w, n = ((3, 40) if shape == "medium" else (20, 200)) if not args.quick else (2, 20)
             res, others = _measured(lambda: pool.run(mod.task_check_ranks, shape, w, n), args)
             on = statistics.median([statistics.median(r["on_us"]) for r in res])
             off = statistics.median([statistics.median(r["off_us"]) for r in res])
@@ -286,7 +289,7 @@ def main(argv=None):
             "per_rank_math": dict(dropout=0.1, seed=0, dropout_mode="per_rank", attention_backend="math"),
             "tp_invariant": dict(dropout=0.1, seed=0, dropout_mode="tp_invariant"),
         }
-        for shape in ("small", "medium"):
+        for shape in (("small", "medium") if "dropout_mode" in run else ()):
             w, n = it[shape]
             for tp in (1, 2):
                 row = dict(shape=shape, dims=SHAPES[shape], tp=tp)
@@ -306,7 +309,7 @@ def main(argv=None):
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        mem_pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0)
+        mem_pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=120.0) if doc["dropout_mode"] else None
     finally:
         if old is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -325,16 +328,17 @@ def main(argv=None):
                 for m in modes) + f" | tp_invariant/per_rank {row['tp_invariant_vs_per_rank']:.2f}x time, "
                 f"{(row['tp_invariant_vs_per_rank_mem'] or float('nan')):.2f}x memory | others {row['others_cpu_cores']:.2f} cores")
     finally:
-        mem_pool.close()
+        if mem_pool is not None:
+            mem_pool.close()
 
     doc["dropout_explanation"] = (
         "tp_invariant draws every dropout decision from a counter-based hash of (seed, call, global head, "
-        "query, key): the math backend materialises the (B, N_local, T, S) probabilities and dist_mha builds an "
-        "int64 flat index + splitmix64 hash (several full passes over an int64 tensor) + a float64 uniform per "
-        "element, then a bool keep-mask: ~20+ bytes and ~15 elementwise passes per attention element, plus the "
-        "math path's own (B,N,T,S) scores/probs/grad. per_rank lets SDPA (or flash-attn) draw its own dropout "
-        "from the rank's stream inside the kernel. So tp_invariant costs O(B*N*T*S) extra memory and time; "
-        "at TP=2 each rank only hashes its own heads, so the cost splits with the heads.")
+        "query, key): the math backend materialises the (B, N_local, T, S) probabilities and dist_mha hashes "
+        "an int64 flat index with splitmix64 (~10 elementwise passes) and compares the top 53 bits with the rate, "
+        "4M elements at a time, into a 1-byte keep mask: extra time O(B*N*T*S), extra memory the mask plus "
+        "~100 MB, on top of the math path's own (B,N,T,S) scores/probs/grad. per_rank lets SDPA (or flash-attn) "
+        "draw its own dropout from the rank's stream inside the kernel. At TP=2 each rank only hashes its own "
+        "heads, so the cost splits with the heads.")
     doc["total_seconds"] = time.perf_counter() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

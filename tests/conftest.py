@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest  # noqa: E402
+from flash_fakes import fake_flash  # noqa: E402, F401  (fixture: stand-in flash-attn builds)
 
 
 @pytest.fixture(scope="session")

@@ -154,30 +154,75 @@ def test_fused_self_attention_projection_equals_separate_projections(use_gate, u
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("S,has_mask,first", [(192, True, "EFFICIENT_ATTENTION"), (64, True, "EFFICIENT_ATTENTION"),
-                                              (192, False, "CUDNN_ATTENTION"), (256, True, "CUDNN_ATTENTION"),
-                                              (200, True, "CUDNN_ATTENTION")])
-def test_cuda_sdpa_order_keeps_masked_S_mod_128_eq_64_off_cudnn(S, has_mask, first):
-    # pytorch/pytorch#196678: cuDNN's backward can give NaN dq there (mask tensor, S % 128 == 64).
+@pytest.mark.parametrize("S,has_mask,dropout_p,demoted", [
+    (192, True, 0.0, True),     # mask tensor, S % 128 == 64: cuDNN's backward can give NaN dq (#196678)
+    (64, True, 0.0, True),
+    (192, False, 0.0, False),   # no mask tensor: torch's own choice
+    (256, True, 0.0, False),
+    (200, True, 0.0, False),
+    (256, False, 0.1, True),    # 16 * 0.1 is not an integer: cuDNN may run 0.0625 or 0.125
+    (256, False, 0.3, True),
+    (256, False, 0.125, False),  # multiples of 1/16 are exact on cuDNN
+    (256, False, 0.0625, False),
+])
+def test_cuda_sdpa_takes_cudnn_away_only_where_it_is_wrong(S, has_mask, dropout_p, demoted):
     from dist_mha.core.kernels import sdpa
 
-    order = sdpa.cuda_priority(S, has_mask)
-    assert order[0].name == first
-    assert sorted(b.name for b in order) == sorted(b.name for b in sdpa._CUDA_ORDER)
+    backends = sdpa.cuda_backends(S, has_mask, dropout_p)
+    if not demoted:
+        assert backends is None  # no sdpa_kernel context: no host cost, torch's order untouched
+    else:
+        names = {b.name for b in backends}
+        assert "CUDNN_ATTENTION" not in names
+        assert {"FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"} <= names
 
 
-def test_sdpa_priority_sees_key_count_and_whether_a_mask_tensor_is_passed(monkeypatch):
+@pytest.fixture
+def sdpa_flags():
+    """Restores torch's SDPA backend switches after a test flips them."""
+    saved = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "math", "cudnn")}
+    yield
+    for n, on in saved.items():
+        getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
+
+
+def test_cuda_sdpa_never_enables_a_backend_the_user_disabled(sdpa_flags):
     from dist_mha.core.kernels import sdpa
 
-    seen, real = [], sdpa._priority
+    torch.backends.cuda.enable_flash_sdp(False)
+    names = {b.name for b in sdpa.cuda_backends(192, True, 0.1)}
+    assert "FLASH_ATTENTION" not in names and "CUDNN_ATTENTION" not in names and "EFFICIENT_ATTENTION" in names
+    torch.backends.cuda.enable_cudnn_sdp(False)  # the documented workaround for cuDNN bugs
+    assert sdpa.cuda_backends(192, True, 0.1) is None  # nothing to take away
 
-    def spy(device, S, has_mask):
-        seen.append((S, has_mask))
-        return real(device, S, has_mask)
 
-    monkeypatch.setattr(sdpa, "_priority", spy)
-    layer = MultiHeadAttention(2, 4, query_shape=E)
+def test_cuda_sdpa_context_disables_cudnn_for_the_call_and_keeps_the_priority_order(sdpa_flags):
+    import contextlib
+
+    from dist_mha.core.kernels import sdpa
+
+    cuda = torch.device("cuda")  # only the context is built and entered: no CUDA needed
+    assert isinstance(sdpa._backend_context(cuda, 192, False, 0.0), contextlib.nullcontext)
+    order = torch._C._get_sdp_priority_order()
+    with sdpa._backend_context(cuda, 192, True, 0.0):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch._C._get_sdp_priority_order() == order
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_sdpa_backend_context_sees_key_count_mask_and_dropout(monkeypatch):
+    from dist_mha.core.kernels import sdpa
+
+    seen, real = [], sdpa._backend_context
+
+    def spy(device, S, has_mask, dropout_p):
+        seen.append((S, has_mask, dropout_p))
+        return real(device, S, has_mask, dropout_p)
+
+    monkeypatch.setattr(sdpa, "_backend_context", spy)
+    layer = MultiHeadAttention(2, 4, query_shape=E, dropout=0.25)
     q, v = torch.randn(B, T, E), torch.randn(B, S, E)
-    layer(q, q, use_causal_mask=True)
-    layer(q, v, value_mask=torch.ones(B, S, dtype=torch.bool))
-    assert seen == [(T, False), (S, True)]
+    layer(q, q, use_causal_mask=True, training=False)
+    layer(q, v, value_mask=torch.ones(B, S, dtype=torch.bool), training=True)
+    assert seen == [(T, False, 0.0), (S, True, 0.25)]

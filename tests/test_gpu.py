@@ -109,3 +109,63 @@ def test_sdpa_masked_backward_is_finite_where_cudnn_gives_nan_on_cuda(S):
     out.backward(torch.randn_like(out))
     for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert torch.isfinite(t).all(), f"{name} has {(~torch.isfinite(t)).sum().item()} non-finite values"
+
+
+@needs_cuda
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.0625])
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_bf16_dropout_drops_the_requested_fraction_on_cuda(backend, rate):
+    """q = k = 0 makes attention uniform (every probability 1/S); v = identity
+    (Hv = S, value row s = e_s) makes the output the dropped probabilities
+    themselves, so the fraction of exact zeros is the rate the kernel applied.
+    cuDNN may resolve 0.1 to 0.0625 or 0.125 (16 * p not an integer), which
+    dist_mha's SDPA call avoids by taking cuDNN away for such rates.
+    n = 2**20 draws: the standard error is 3e-4 at p = 0.1, the tolerance 5e-3."""
+    import math
+
+    from dist_mha.core.kernels import AttentionRequest
+    from dist_mha.core.kernels import sdpa as sdpa_kernel_module
+    from dist_mha.core.masks import MaskSpec
+
+    if backend == "flash" and not any(v.dropout for v in flash.VARIANTS):
+        pytest.skip("needs FA2 (the flash-attn build with dropout), not installed")
+    B, T, N, S = 4, 256, 8, 128
+    q = torch.zeros(B, T, N, S, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(B, S, N, S, device="cuda", dtype=torch.bfloat16)
+    v = torch.eye(S, device="cuda", dtype=torch.bfloat16)[None, :, None, :].expand(B, S, N, S).contiguous()
+    req = AttentionRequest(q, k, v, MaskSpec(), scale=1 / math.sqrt(S), dropout_p=rate)
+    torch.manual_seed(0)
+    module = sdpa_kernel_module if backend == "sdpa" else flash
+    out, _ = module.run(req)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - rate) < 5e-3, f"{backend}: dropped {dropped:.4f}, asked {rate}"
+    kept = out[out != 0].float()
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (S * (1 - rate))), rtol=1e-2, atol=0)
+
+
+@needs_cuda
+def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
+    """The stream fork swaps generator states with graphsafe_set_state, which CUDA-graph capture allows
+    (copying states in and out, as torch.cuda.set_rng_state does, is refused during capture)."""
+    from dist_mha.core.rng_streams import generators
+
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        pytest.skip("this torch has no CUDAGraph.register_generator_state")
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(4, 16, dropout=0.3, seed=11, query_shape=64, device="cuda")
+    x = torch.randn(2, 32, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up outside capture (allocations, cuDNN plans, the stream generators)
+            layer(x, x, training=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators(layer, "cuda"):
+        graph.register_generator_state(gen)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = layer(x, x, training=True)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert torch.isfinite(out).all() and not torch.equal(first, out)  # each replay draws new masks

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core.rng_streams import RNGStream, checkpoint, collect_streams
+from dist_mha.core.rng_streams import RecomputeError, RNGStream, checkpoint, collect_streams
 
 
 def _layer(mode="per_rank", seed=3):
@@ -66,15 +67,59 @@ def test_checkpoint_recompute_replays_dropout_masks():
         assert torch.equal(n1, n2)
 
 
-def test_plain_torch_checkpoint_without_stream_replay_would_differ():
-    # Guards the test above: without replay the recomputed masks change, so
-    # gradients differ from the non-checkpointed run.
+def _deepspeed_checkpoint(fn, x):
+    ds = pytest.importorskip("deepspeed.runtime.activation_checkpointing.checkpointing")
+    return ds.checkpoint(fn, x)
+
+
+def _fsdp_wrapper(fn, x):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Fn(torch.nn.Module):
+        def forward(self, t):
+            return fn(t)
+
+    return checkpoint_wrapper(Fn())(x)
+
+
+FOREIGN_CHECKPOINTS = {
+    "torch_non_reentrant": lambda fn, x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False),
+    "torch_reentrant": lambda fn, x: torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True),
+    "fsdp_checkpoint_wrapper": _fsdp_wrapper,
+    "deepspeed": _deepspeed_checkpoint,
+}
+
+
+@pytest.mark.parametrize("mode", ["per_rank", "tp_invariant"])
+@pytest.mark.parametrize("how", list(FOREIGN_CHECKPOINTS))
+def test_recompute_outside_the_stream_replay_raises_instead_of_changing_masks(how, mode):
+    # Without replay the recomputed masks differ from the forward's: the
+    # gradients would silently belong to another network.
+    layer = _layer(mode)
+    x = _x().requires_grad_()
+    out = FOREIGN_CHECKPOINTS[how](lambda t: layer(t, t, training=True), x)
+    with pytest.raises(RecomputeError, match=r"dist_mha\.core\.rng_streams\.checkpoint"):
+        out.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("how", list(FOREIGN_CHECKPOINTS))
+def test_foreign_checkpoint_without_dropout_is_fine(how):
     layer = _layer()
     x = _x().requires_grad_()
-    out = torch.utils.checkpoint.checkpoint(lambda t: layer(t, t, training=True), x, use_reentrant=False)
+    out = FOREIGN_CHECKPOINTS[how](lambda t: layer(t, t, training=False), x)
     out.pow(2).sum().backward()
-    (_, g_ref, _, _), _ = _grads_with_and_without_checkpoint("per_rank")
-    assert not torch.allclose(x.grad, g_ref)
+    ref = x.detach().clone().requires_grad_()
+    layer(ref, ref, training=False).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=1e-12)
+
+
+def test_a_stream_left_out_of_the_replay_is_caught():
+    layer = _layer()
+    x = _x().requires_grad_()
+    others = [s for s in collect_streams(layer) if s.name != "attention_dropout"]
+    out = checkpoint(lambda t: layer(t, t, training=True), x, streams=others)
+    with pytest.raises(RecomputeError, match="attention_dropout"):
+        out.pow(2).sum().backward()
 
 
 def test_state_dict_restores_dropout_streams():

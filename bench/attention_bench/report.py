@@ -25,6 +25,7 @@ def machine_info(device, dtype):
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "flash_attn_available": _flash.AVAILABLE,
+        "flash_attn_builds": [f"{v.name} ({v.module})" for v in _flash.VARIANTS],
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -96,6 +96,7 @@ class AttentionCore(nn.Module):
                                                                  (self.cp_group, self.cp_size)) if n > 1]
         self.name = name or layer_name
         self._param_dtype = cfg.param_dtype(dtype)
+        self._compute_dtype = cfg.compute_dtype(dtype)  # Keras mixed policies: inputs are cast to it
         self._device = torch.device(device) if device is not None else None
         self._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self._key_dim))
         self._dropout_stream = None  # created at build, when the TP rank's seed is known
@@ -207,7 +208,7 @@ class AttentionCore(nn.Module):
             raise ValueError(f"Layer '{self.name}' is not built; build it (query_shape=...) before init_cache().")
         key = self._modules["key"]
         return KVCache(batch_size, max_length, key.kernel.shape[1], self._key_dim, self._value_dim,
-                       dtype=dtype or key.kernel.dtype, device=device or key.kernel.device)
+                       dtype=dtype or self._compute_dtype or key.kernel.dtype, device=device or key.kernel.device)
 
     # -- call -------------------------------------------------------------------
     def forward(
@@ -246,11 +247,17 @@ class AttentionCore(nn.Module):
         training = self.training if training is None else training
         dropout_p = self._dropout if training else 0.0
         group, sp = self.tp_group, self.sequence_parallel
+        pending = None  # the rank check in flight: local work overlaps its round trip
         if agree:
-            inputs.check_tp_call(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask, segment_ids],
-                                 return_attention_scores, use_causal_mask, dropout_p > 0,
-                                 -1 if cache is None else cache.length, local_error)
+            pending = inputs.check_tp_call(self, query, value, key,
+                                           [query_mask, value_mask, key_mask, attention_mask, segment_ids],
+                                           return_attention_scores, use_causal_mask, dropout_p > 0,
+                                           -1 if cache is None else cache.length, local_error,
+                                           wait=torch.compiler.is_compiling())  # compiled: one break, here
         if self.tp_size > 1:
+            if sp and pending is not None:  # the all-gather is this call's first collective
+                pending.wait()
+                pending = None
             query, value, key = region.enter(group, sp, query, value, key)
 
         projs = self._projections()
@@ -285,6 +292,9 @@ class AttentionCore(nn.Module):
             self._inverse_sqrt_key_dim, dropout_p, return_attention_scores,
         )
         if self.cp_size > 1:
+            if pending is not None:  # context parallelism communicates inside the kernel call
+                pending.wait()
+                pending = None
             # Ring blocks key their dropout masks by global position; Ulysses's local kernel
             # draws from this rank's stream (per_rank) or gets TP-invariant masks.
             per_rank = dropout_p > 0 and self.cp_mode == "ulysses" and self.dropout_mode == "per_rank"
@@ -293,9 +303,8 @@ class AttentionCore(nn.Module):
                 out_BTNH, backend, why = context_attention.attend(self, req, h0, h1, t_dims[0], s_dims[0])
             probs = None
         else:
-            stream = self._dropout_for(req, h0, h1) if dropout_p > 0 else None
-            with stream.fork(query.device) if stream is not None else _nullcontext():
-                out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
+            req.rng = self._dropout_for(req, h0, h1) if dropout_p > 0 else None  # kernels draw dropout from it
+            out_BTNH, probs, backend, why = attention(req, self._flash_attention, self._attention_backend)
         # Plain attributes, set without nn.Module.__setattr__'s per-call bookkeeping.
         self.__dict__["last_backend"], self.__dict__["last_backend_reason"] = backend, why
         context = layout.from_BTNH(out_BTNH, q.shape)  # (B, d.., n, Hv)
@@ -303,7 +312,10 @@ class AttentionCore(nn.Module):
             context = context * gate
         out_proj = self._modules["attention_output"]
         if self.tp_size > 1:
-            output = region.leave(group, sp, out_proj(context, add_bias=False), out_proj.bias)
+            partial = out_proj(context, add_bias=False)
+            if pending is not None:  # the output all-reduce is this call's first collective
+                pending.wait()
+            output = region.leave(group, sp, partial, out_proj.bias)
         else:
             output = out_proj(context)
         if not return_attention_scores:

@@ -105,11 +105,22 @@ def attention_backend(value):
     return value
 
 
+_MIXED = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16}
+
+
+def _policy_name(value):
+    if isinstance(value, dict):
+        return value.get("config", {}).get("name", value.get("name"))
+    if hasattr(value, "variable_dtype"):  # a real Keras DTypePolicy
+        return getattr(value, "name", value.variable_dtype)
+    return value
+
+
 def param_dtype(value) -> torch.dtype:
     """Keras dtype (policy name, policy config dict) or torch dtype -> the weights' torch dtype.
 
-    Mixed policies (`"mixed_bfloat16"`) keep float32 weights, as in Keras; the
-    compute dtype follows the inputs.
+    Mixed policies (`"mixed_bfloat16"`) keep float32 weights, as in Keras (see
+    `compute_dtype`); otherwise the compute dtype follows the inputs.
     """
     if value is None:
         return torch.get_default_dtype()
@@ -117,17 +128,32 @@ def param_dtype(value) -> torch.dtype:
         if not value.is_floating_point:
             raise _invalid("dtype", "a floating dtype", value)
         return value
-    name = value
-    if isinstance(value, dict):
-        name = value.get("config", {}).get("name", value.get("name"))
-    elif hasattr(value, "variable_dtype"):  # a real Keras DTypePolicy
-        name = value.variable_dtype
+    name = _policy_name(value)
     if isinstance(name, str):
-        if name in ("mixed_float16", "mixed_bfloat16"):
+        if name in _MIXED:
             return torch.float32
         if name in _DTYPES:
             return _DTYPES[name]
     raise _invalid("dtype", f"a torch floating dtype, one of {sorted(_DTYPES)}, or a Keras dtype policy", value)
+
+
+def compute_dtype(value):
+    """The compute dtype of a Keras mixed policy (`"mixed_bfloat16"` -> bfloat16), else None.
+
+    As Keras does, a layer with a mixed policy casts its floating inputs to
+    this dtype, uses its float32 weights cast to it, and returns it.
+    """
+    if value is None or isinstance(value, torch.dtype):
+        return None
+    return _MIXED.get(_policy_name(value))
+
+
+def policy_config(param: torch.dtype, compute) -> dict:
+    """The Keras serialisation of the layer's dtype policy (mixed when `compute` is set)."""
+    if compute is None:
+        return dtype_policy_config(param)
+    name = next(n for n, d in _MIXED.items() if d == compute)
+    return {"module": "keras", "class_name": "DTypePolicy", "config": {"name": name}, "registered_name": None}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -18,12 +18,13 @@ masked to behave as logical shifts.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
 import torch
 
-__all__ = ["mix64", "uniform", "normal"]
+__all__ = ["mix64", "uniform", "normal", "keep_mask"]
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
@@ -240,3 +241,52 @@ def normal(key: int, shape: Sequence[int], index=None, *, device=None) -> torch.
     u2 = _to_unit(_bits(mix64(key, 2), flat))
     radius = u1.log_().mul_(-2.0).sqrt_()
     return radius.mul_(u2.mul_(2.0 * math.pi).cos_())
+
+
+def keep_mask(key: int, shape: Sequence[int], index, rate: float, *, device=None,
+              chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """`uniform(key, shape, index) >= rate` as a bool tensor, bit for bit, at 1 byte per element.
+
+    `uniform` holds about 32 bytes of int64/float64 temporaries per element;
+    here they exist for `chunk_elems` elements at a time (blocks are exact,
+    see `uniform`), and the comparison is done on the 53-bit integers, so no
+    float64 tensor is made.
+
+    Args:
+        key, shape, index: as in `uniform`.
+        rate: drop probability in [0, 1).
+        device: torch device of the result.
+        chunk_elems: most elements computed at once.
+
+    Returns:
+        A bool tensor shaped like `uniform(key, shape, index)`.
+    """
+    dims, out_shape = _block(shape, index)
+    sizes = [stop - start for start, stop, _ in dims]
+    out = torch.empty(sizes, dtype=torch.bool, device=device)  # every dim kept; viewed as out_shape at the end
+    # u = m * 2**-53 (m >= 1) or 2**-54 (m == 0): u >= rate iff m >= ceil(rate * 2**53), for rate > 2**-54.
+    threshold = None if rate <= 2.0**-54 else math.ceil(rate * 2.0**53)
+    key = int(key) & _MASK64
+    # Dims k.. are taken whole; dim k - 1 in steps; dims before it one index at a time.
+    k, inner = len(sizes), 1
+    while k > 0 and inner * sizes[k - 1] <= chunk_elems:
+        k -= 1
+        inner *= sizes[k]
+    step = max(1, chunk_elems // inner)
+    outer_ranges = [range(n) for n in sizes[: max(k - 1, 0)]]
+    split = range(0, sizes[k - 1], step) if k > 0 else [0]
+    for outer in itertools.product(*outer_ranges):
+        for j in split:
+            local = [slice(i, i + 1) for i in outer]
+            if k > 0:
+                local.append(slice(j, min(j + step, sizes[k - 1])))
+            local += [slice(None)] * (len(sizes) - len(local))
+            sub = tuple(slice(start + sl.indices(n)[0], start + sl.indices(n)[1])
+                        for (start, _, _), sl, n in zip(dims, local, sizes))
+            flat, _ = _flat_index(shape, sub, device)
+            view = out[tuple(local)]
+            if threshold is None:
+                view.fill_(True)
+            else:
+                torch.ge(_srl(_bits(key, flat), 11), threshold, out=view)
+    return out.view(out_shape)

@@ -59,17 +59,20 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
 
 
 def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout, cache_length=-1,
-                  local_error=None):
+                  local_error=None, wait=True):
     """Under TP: one small all-reduce proving every rank passes the same shapes, dtypes and flags.
 
-    It runs before any collective of the call, so a rank whose inputs differ
-    (a mask of another shape, a wrong feature dim, a float64 input) makes every
-    rank raise a ValueError instead of one raising while the others wait in
-    the output all-reduce. `local_error`: the ValueError this rank's own input
-    checks raised; it is re-raised here, after the other ranks learned of it.
+    It completes before any collective of the call, so a rank whose inputs
+    differ (a mask of another shape, a wrong feature dim, a float64 input)
+    makes every rank raise a ValueError instead of one raising while the
+    others wait in the output all-reduce. `local_error`: the ValueError this
+    rank's own input checks raised; it is re-raised here, after the other
+    ranks learned of it. `wait=False` returns the check in flight (an object
+    with `wait()`, which raises as this function would): the caller overlaps
+    its local work with the round trip and waits before its first collective.
     """
     if not layer.check_ranks or not layer._check_groups:
-        return
+        return None
     if local_error is not None:
         for group in layer._check_groups:
             try:
@@ -95,20 +98,44 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     names += ["return_attention_scores", "use_causal_mask", "dropout active", "cache.length"]
     shown += [str(bool(return_scores)), str(bool(causal)), str(bool(dropout)), str(cache_length)]
     assert len(values) == _CHECK_VALUES
-    first = None
-    for group in layer._check_groups:  # TP, then CP: every rank takes part in both before raising
-        try:
-            sharding.check_ranks_agree(group, values, names, shown)
-        except ValueError as err:
-            first = first or err
-    if first is not None:
-        if "inputs rejected" in str(first).split("(")[0]:
-            raise ValueError(
-                "Another rank of the tensor- or context-parallel group rejected its inputs to this layer (its "
-                "ValueError says why); this rank's inputs passed the checks. Every rank must call the layer with "
-                "the same shapes and arguments."
-            ) from None
-        raise first
+    if wait:
+        first = None
+        for group in layer._check_groups:  # TP, then CP: every rank takes part in both before raising
+            try:
+                sharding.check_ranks_agree(group, values, names, shown)
+            except ValueError as err:
+                first = first or err
+        if first is not None:
+            _explain_disagreement(first)
+        return None
+    return _PendingCheck([sharding.start_ranks_agree(g, values, names, shown) for g in layer._check_groups])
+
+
+def _explain_disagreement(err: ValueError):
+    if "inputs rejected" in str(err).split("(")[0]:
+        raise ValueError(
+            "Another rank of the tensor- or context-parallel group rejected its inputs to this layer (its "
+            "ValueError says why); this rank's inputs passed the checks. Every rank must call the layer with "
+            "the same shapes and arguments."
+        ) from None
+    raise err
+
+
+class _PendingCheck:
+    """The rank checks in flight (one per group: TP, then CP)."""
+
+    def __init__(self, agreements):
+        self.agreements = agreements
+
+    def wait(self) -> None:
+        first = None
+        for agreement in self.agreements:  # every check completes before any raises
+            try:
+                agreement.wait()
+            except ValueError as err:
+                first = first or err
+        if first is not None:
+            _explain_disagreement(first)
 
 
 def check_inputs(layer, query, value, key):
@@ -135,6 +162,12 @@ def check_inputs(layer, query, value, key):
                 f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
             )
         tensors.append(x)
+    compute = getattr(layer, "_compute_dtype", None)
+    if compute is not None:
+        # A Keras mixed policy casts floating inputs to its compute dtype (once per
+        # distinct tensor: self-attention stays one tensor).
+        cast = {}
+        tensors = [None if x is None else cast.setdefault(id(x), x.to(compute)) for x in tensors]
     query, value, key = tensors
     key = value if key is None else key
     for name, x in (("value", value), ("key", key)):

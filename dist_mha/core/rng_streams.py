@@ -1,10 +1,22 @@
 """Named RNG streams for dropout, with fork semantics and checkpoint support.
 
-A stream owns a generator state per device. `fork(device)` swaps that state
-into torch's default generator for the duration of a block (so kernels that
-draw from the default generator, like SDPA's and flash-attn's dropout, use
-the stream), then stores the advanced state and restores the global one.
-This is the idea of Megatron's RNG tracker, without its module globals.
+A stream owns one `torch.Generator` per device. Kernels draw dropout from
+torch's default generator (SDPA's, flash-attn's, `F.dropout`), so
+`fork(device)` points that generator at the stream's for the block: on CUDA
+with `graphsafe_set_state` (a pointer swap, no state copy, legal during
+CUDA-graph capture: register the stream generators with the graph,
+`graph.register_generator_state(gen)` for each of `generators(model, device)`),
+elsewhere by copying the states in and out. This is the idea of Megatron's
+RNG tracker, without its module globals.
+
+Under `torch.compile` any RNG state swap (and any op given a generator)
+breaks the graph, and inductor draws a graph's random numbers from seeds it
+takes at the graph's start, so a swap inside a graph could not work anyway.
+There `dropout` draws its keep mask from a counter-based hash instead
+(`traced_uniform`: splitmix64 of the stream's seed and a per-device offset
+tensor that advances in the graph): no graph break, reproducible, but not
+the mask eager mode draws. Kernels that can only use the default generator
+(SDPA and flash-attn dropout on CUDA) still fork, at a graph break.
 
 Under tensor parallelism a layer keeps two kinds of stream:
 - per-TP-rank (`attention_dropout`): seeded with the TP rank mixed in, so the
@@ -16,7 +28,10 @@ Under tensor parallelism a layer keeps two kinds of stream:
 function of (seed, call index, global element index).
 
 `checkpoint` wraps `torch.utils.checkpoint` so that recomputation replays the
-streams from the states they had in the original forward.
+streams from the states they had in the original forward. Any other
+activation checkpointing (plain `torch.utils.checkpoint`, DeepSpeed's,
+FSDP's wrapper) would recompute with a different mask; a stream used during
+a backward pass outside that replay raises instead (`RecomputeError`).
 """
 
 from __future__ import annotations
@@ -24,9 +39,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dist_mha.core.counter_rng import mix64, uniform
+from dist_mha.core.counter_rng import _bits, _srl, keep_mask, mix64
+from dist_mha.core.generators import canonical_device as _canonical
+from dist_mha.core.generators import use_generator
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
@@ -36,8 +54,34 @@ def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
     return mix64(seed, *parts, *extra) & ((1 << 63) - 1)
 
 
+class RecomputeError(RuntimeError):
+    """A dropout stream was used to recompute a forward without replaying it."""
+
+
+def _check_not_recomputing(owner) -> None:
+    """Raises when `owner` draws during a backward pass without `checkpoint`'s replay.
+
+    Activation checkpointing recomputes the forward inside the backward pass;
+    a stream that has moved on since would draw a different dropout mask
+    there, and the gradients would silently belong to another network.
+    """
+    if owner._replaying or torch.compiler.is_compiling():
+        return
+    if torch._C._current_graph_task_id() != -1:
+        raise RecomputeError(
+            f"The dropout stream {owner.name!r} was used during a backward pass: an activation checkpoint "
+            "(torch.utils.checkpoint, DeepSpeed's or FSDP's checkpoint wrapper) is recomputing a forward with "
+            "dropout, and would draw different masks than the forward did, silently corrupting the gradients. "
+            "Checkpoint with dist_mha.core.rng_streams.checkpoint(fn, *args, streams=collect_streams(module)), "
+            "which replays the streams, or set dropout to 0 inside the checkpointed region."
+        )
+
+
+_COUNTER = "counter:"  # state-dict key prefix of the compiled-mode counters
+
+
 class RNGStream:
-    """A reproducible random stream.
+    """A reproducible random stream: one `torch.Generator` per device.
 
     Args:
         seed: integer seed of the stream (see `stream_seed`).
@@ -46,49 +90,114 @@ class RNGStream:
     Example:
 
     >>> stream = RNGStream(seed=3, name="attention_dropout")
-    >>> with stream.fork(torch.device("cpu")):
-    ...     mask = torch.rand(4) > 0.5
+    >>> mask = torch.rand(4, generator=stream.generator("cpu")) > 0.5
+    >>> with stream.fork("cpu"):              # for code that uses the default generator
+    ...     other = torch.rand(4) > 0.5
     """
 
     def __init__(self, seed: int, name: str = "default"):
         self.seed = int(seed)
         self.name = name
-        self._states: dict[str, torch.Tensor] = {}
+        self._gens: dict[str, torch.Generator] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # loaded states of devices not used yet
+        self._offsets: dict[str, torch.Tensor] = {}  # compiled-mode counters (see `traced_uniform`)
+        self._replaying = False
+
+    def generator(self, device) -> torch.Generator:
+        """This stream's generator on `device`, created (seeded, or from a loaded state) on first use.
+
+        Raises:
+            RecomputeError: when called during a backward pass outside `checkpoint`'s replay.
+        """
+        _check_not_recomputing(self)
+        device = _canonical(device)
+        key = str(device)
+        gen = self._gens.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if key in self._pending:
+                gen.set_state(self._pending.pop(key))
+            else:
+                gen.manual_seed(self.seed)
+            self._gens[key] = gen
+        return gen
 
     @contextlib.contextmanager
     def fork(self, device):
-        device = torch.device(device)
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            with torch.random.fork_rng(devices=[index], device_type="cuda"), torch.cuda.device(index):
-                key = f"cuda:{index}"
-                if key in self._states:
-                    torch.cuda.set_rng_state(self._states[key])
-                else:
-                    torch.cuda.manual_seed(self.seed)
-                yield
-                self._states[key] = torch.cuda.get_rng_state()
-        else:
-            with torch.random.fork_rng(devices=[]):
-                if "cpu" in self._states:
-                    torch.set_rng_state(self._states["cpu"])
-                else:
-                    torch.random.default_generator.manual_seed(self.seed)
-                yield
-                self._states["cpu"] = torch.get_rng_state()
+        """Torch's default generator on `device` draws from this stream inside the block."""
+        with use_generator(self.generator(device)):
+            yield
 
-    def snapshot(self):
-        return dict(self._states)
+    def traced_uniform(self, shape, device) -> torch.Tensor:
+        """float32 uniforms in [0, 1) (24 random bits) for traced code, from the stream's counter on `device`.
 
-    def restore(self, snap) -> None:
-        self._states = dict(snap)
+        Element i of the n drawn is splitmix64(key, offset + i); the offset
+        (a 0-d int64 tensor, so compiled graphs advance it without recompiling)
+        then moves on by n.
+        """
+        device = _canonical(device)
+        key = str(device)
+        offset = self._offsets.get(key)
+        if offset is None:
+            offset = self._pending.pop(_COUNTER + key, None)
+            offset = torch.zeros((), dtype=torch.int64, device=device) if offset is None else offset.to(device)
+            self._offsets[key] = offset
+        n = 1
+        for d in shape:
+            n *= int(d)
+        flat = torch.arange(n, dtype=torch.int64, device=device).view(tuple(shape)) + offset
+        offset.add_(n)
+        return _srl(_bits(mix64(self.seed, 0x636F756E746572), flat), 40).to(torch.float32).mul_(2.0**-24)
+
+    def snapshot(self) -> dict:
+        """The state of every device's generator and counter (a copy)."""
+        out = {k: v.clone() for k, v in self._pending.items()}
+        out.update({k: g.get_state() for k, g in self._gens.items()})
+        out.update({_COUNTER + k: t.detach().cpu().clone() for k, t in self._offsets.items()})
+        return out
+
+    def restore(self, snap: dict) -> None:
+        """Puts generators and counters back to `snap`, in place (compiled code holds the objects)."""
+        self._pending = {k: v for k, v in snap.items() if k not in self._gens and k[len(_COUNTER):] not in self._offsets}
+        for key, gen in self._gens.items():
+            if key in snap:
+                gen.set_state(snap[key])
+            else:  # not used when the snapshot was taken: back to the seed
+                gen.manual_seed(self.seed)
+        for key, offset in self._offsets.items():
+            offset.fill_(int(snap.get(_COUNTER + key, 0)))
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "states": dict(self._states)}
+        return {"seed": self.seed, "states": self.snapshot()}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
-        self._states = dict(state["states"])
+        self.restore(dict(state["states"]))
+
+
+def forked(req):
+    """For a kernel that draws dropout from torch's default generator: `req.rng.fork(device)` when it has
+    dropout and a stream, else nothing."""
+    if req.dropout_p > 0 and req.rng is not None:
+        return req.rng.fork(req.q_BTNH.device)
+    return contextlib.nullcontext()
+
+
+def dropout(x: torch.Tensor, p: float, stream=None) -> torch.Tensor:
+    """Dropout (training mode) drawing from `stream`; from torch's default generator when it is None.
+
+    Eager: `F.dropout` inside `stream.fork`. Traced by `torch.compile`: the
+    keep mask is `stream.traced_uniform(...) >= p` (no graph break), the kept
+    values scaled by `1 / (1 - p)` as `F.dropout` does.
+    """
+    if p == 0:
+        return x
+    if stream is None:
+        return F.dropout(x, p, training=True)
+    if torch.compiler.is_compiling():
+        return x * (stream.traced_uniform(x.shape, x.device) >= p) / (1.0 - p)
+    with stream.fork(x.device):
+        return F.dropout(x, p, training=True)
 
 
 class CallCounter:
@@ -98,8 +207,10 @@ class CallCounter:
         self.seed = int(seed)
         self.name = name
         self.count = 0
+        self._replaying = False
 
     def next(self) -> int:
+        _check_not_recomputing(self)
         self.count += 1
         return self.count - 1
 
@@ -121,9 +232,11 @@ def invariant_keep_mask(seed: int, call: int, global_shape, index, rate: float, 
 
     Each element is kept iff its counter-based uniform (keyed by seed, call
     index and global element index) is >= `rate`, so the mask of every head
-    is the same whatever the TP degree.
+    is the same whatever the TP degree. Built a few million elements at a
+    time (`counter_rng.keep_mask`): at B=8, 32 heads, T=S=2048 the transient
+    memory is the 1-byte mask plus ~130 MB, not the ~35 GB of uniforms.
     """
-    return uniform(mix64(seed, call), global_shape, index, device=device) >= rate
+    return keep_mask(mix64(seed, call), global_shape, index, rate, device=device)
 
 
 def collect_streams(module: torch.nn.Module) -> list:
@@ -134,6 +247,15 @@ def collect_streams(module: torch.nn.Module) -> list:
         if callable(fn):
             out.extend(fn())
     return out
+
+
+def generators(module: torch.nn.Module, device) -> list:
+    """The stream generators of `module` on `device`.
+
+    For CUDA-graph capture of a step with dropout: register each with the
+    graph (`graph.register_generator_state(gen)`) before capturing.
+    """
+    return [s.generator(device) for s in collect_streams(module) if isinstance(s, RNGStream)]
 
 
 def checkpoint(function, *args, streams, **kwargs):
@@ -161,10 +283,12 @@ def checkpoint(function, *args, streams, **kwargs):
         after = {id(s): s.snapshot() for s in streams}
         for s in streams:
             s.restore(snaps[id(s)])
+            s._replaying = True
         try:
             yield
         finally:
             for s in streams:
+                s._replaying = False
                 s.restore(after[id(s)])
 
     return torch.utils.checkpoint.checkpoint(

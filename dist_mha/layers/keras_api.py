@@ -161,7 +161,8 @@ class KerasLayerAPI:
     # -- config ---------------------------------------------------------------------
     def _base_config(self) -> dict:
         """Keras's base-layer keys."""
-        return {"name": self.name, "trainable": self._trainable, "dtype": cfg.dtype_policy_config(self._param_dtype)}
+        return {"name": self.name, "trainable": self._trainable,
+                "dtype": cfg.policy_config(self._param_dtype, getattr(self, "_compute_dtype", None))}
 
     def _objects_config(self) -> dict:
         """The initializers, regularizers and constraints, serialised as Keras does."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.core.rng_streams import RNGStream, stream_seed
+from dist_mha.core.rng_streams import RNGStream, dropout, stream_seed
 from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel import sharding
@@ -121,8 +121,7 @@ class TransformerBlock(nn.Module):
     def _drop(self, x):
         if not (self.training and self.dropout > 0):
             return x
-        with self.residual_stream.fork(x.device):
-            return F.dropout(x, self.dropout, training=True)
+        return dropout(x, self.dropout, self.residual_stream)
 
     def forward(self, x, padding_mask=None, cache=None, segment_ids=None):
         h = self.norm1(x)

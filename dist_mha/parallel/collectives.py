@@ -4,8 +4,8 @@ Each forward collective has its backward twin (Megatron's vocabulary):
 
 | function            | forward                    | backward                   |
 |---------------------|----------------------------|----------------------------|
-| `copy_to_tp`        | identity                   | all-reduce (one, fused)    |
-| `reduce_from_tp`    | all-reduce                 | identity                   |
+| `copy_to_tp`        | identity                   | all-reduce (one, fused; in place for one tensor) |
+| `reduce_from_tp`    | all-reduce (optionally in place) | identity             |
 | `gather_from_tp`    | all-gather along `dim`     | keep own slice             |
 | `scatter_to_tp`     | keep own slice             | all-gather along `dim`     |
 | `gather_from_sp`    | all-gather along `dim`     | reduce-scatter along `dim` |
@@ -80,7 +80,12 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         present = [g for g in grads if g is not None]
-        if present:
+        if len(present) == 1:
+            # One gradient: all-reduced where it lies, no copy (see `copy_to_tp`).
+            g = present[0].contiguous()
+            dist.all_reduce(g, group=ctx.group)
+            grads = tuple(None if x is None else g for x in grads)
+        elif present:
             flat = torch.cat([g.reshape(-1) for g in present])
             dist.all_reduce(flat, group=ctx.group)
             it = iter(flat.split([g.numel() for g in present]))
@@ -90,14 +95,17 @@ class _CopyToTP(torch.autograd.Function):
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, x):
-        x = x.clone()
+    def forward(ctx, group, x, inplace):
+        if inplace:
+            ctx.mark_dirty(x)
+        else:
+            x = x.clone()
         dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad
+        return None, grad, None
 
 
 class _DimTwin(torch.autograd.Function):
@@ -172,15 +180,28 @@ def copy_to_kv_replicas(group, replicas, *xs):
 
 
 def copy_to_tp(group, *xs):
-    """Enters the TP region: identity forward, one fused all-reduce of the gradients backward."""
+    """Enters the TP region: identity forward, one fused all-reduce of the gradients backward.
+
+    With several tensors their gradients travel as one flat buffer. A single
+    gradient is all-reduced in place, without a copy (as Megatron's
+    `copy_to_tensor_model_parallel_region` does): the entered tensor's
+    gradient must be its own, which holds when the entered tensor feeds
+    layers whose backward makes a fresh gradient (linear, einsum, the fused
+    projections), as everywhere in dist_mha. Do not add it to another tensor
+    directly (`y + other` hands both the same gradient).
+    """
     if _size(group) == 1:
         return xs if len(xs) > 1 else xs[0]
     return _CopyToTP.apply(group, *xs)
 
 
-def reduce_from_tp(group, x):
-    """Leaves the TP region: all-reduce (sum) forward, identity backward."""
-    return x if _size(group) == 1 else _ReduceFromTP.apply(group, x)
+def reduce_from_tp(group, x, inplace: bool = False):
+    """Leaves the TP region: all-reduce (sum) forward, identity backward.
+
+    `inplace=True` sums into `x` itself (no copy) and returns it; for a
+    partial result nothing else reads, such as the output projection's.
+    """
+    return x if _size(group) == 1 else _ReduceFromTP.apply(group, x, inplace)
 
 
 def gather_from_tp(group, x, dim):

@@ -46,5 +46,6 @@ def leave(group, sequence_parallel: bool, partial_BTE: torch.Tensor, bias) -> to
             # partial per rank: entering the bias into the region sums it.
             out = out + copy_to_tp(group, bias).to(out.dtype)
         return out
-    out = reduce_from_tp(group, partial_BTE)
+    # The partial output is a fresh tensor nothing else reads: sum it where it lies.
+    out = reduce_from_tp(group, partial_BTE, inplace=True)
     return out if bias is None else out + bias.to(out.dtype)

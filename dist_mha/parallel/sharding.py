@@ -160,9 +160,13 @@ def agreed_random_base(group, device=None) -> int:
     """
     base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if tp_size_of(group) > 1:
-        dev = device if device is not None and torch.device(device).type == "cuda" else "cpu"
-        base = base.to(dev)
-        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=group)
+        if device is not None and torch.device(device).type == "cuda":
+            base, comm = base.to(device), group
+        else:
+            # Built without a CUDA device (e.g. eagerly, before `.to("cuda")`): an
+            # NCCL group rejects CPU tensors, so the draw travels on the group's gloo companion.
+            comm = cpu_group(group)
+        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=comm)
     return int(base.item())
 
 
@@ -192,6 +196,8 @@ def check_ranks_agree(group, values: list[int], names: list[str], shown: list[st
     mismatched collective. `shown`: this rank's values as text for the
     message (dtype names, mask shapes), parallel to `values`.
     """
+    # Kept flat (no helper calls after the read-back): under torch.compile the
+    # `.tolist()` is the call's one graph break, and each nested frame would add one.
     v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
     both = torch.cat([v, -v])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
@@ -199,10 +205,44 @@ def check_ranks_agree(group, values: list[int], names: list[str], shown: list[st
     hi, lo = hi.tolist(), lo.tolist()
     bad = [i for i in range(len(values)) if hi[i] != lo[i]]
     if bad:
-        shown = shown or [str(x) for x in values]
-        raise ValueError(
-            f"Tensor-parallel ranks disagree on {', '.join(names[i] for i in bad)} (this rank, "
-            f"{tp_rank_of(group)}: {', '.join(f'{names[i]}={shown[i]}' for i in bad)}). "
-            "Every rank of a TP group must call the layer with inputs of the same shapes and dtypes and the "
-            "same call arguments (replicated inputs; sequence shards of equal size); masks too."
-        )
+        _disagree(group, values, names, shown, bad)
+
+
+class PendingAgreement:
+    """A rank-agreement all-reduce in flight; `wait()` finishes it and raises on disagreement."""
+
+    def __init__(self, group, values, names, shown, both, work):
+        self.group, self.values, self.names, self.shown, self.both, self.work = group, values, names, shown, both, work
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        _raise_on_disagreement(self.group, self.values, self.names, self.shown, self.both)
+
+
+def start_ranks_agree(group, values: list[int], names: list[str], shown: list[str] | None = None) -> PendingAgreement:
+    """`check_ranks_agree` in two halves (eager mode): the all-reduce starts now (gloo runs it on its own
+    thread), and `wait()` on the result finishes it, so local work can overlap the round trip."""
+    v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
+    both = torch.cat([v, -v])
+    work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True)
+    return PendingAgreement(group, values, names, shown, both, work)
+
+
+def _raise_on_disagreement(group, values, names, shown, both) -> None:
+    hi, lo = both[: len(values)], -both[len(values) :]
+    hi, lo = hi.tolist(), lo.tolist()
+    bad = [i for i in range(len(values)) if hi[i] != lo[i]]
+    if bad:
+        _disagree(group, values, names, shown, bad)
+
+
+def _disagree(group, values, names, shown, bad) -> None:
+    shown = shown or [str(x) for x in values]
+    raise ValueError(
+        f"Tensor-parallel ranks disagree on {', '.join(names[i] for i in bad)} (this rank, "
+        f"{tp_rank_of(group)}: {', '.join(f'{names[i]}={shown[i]}' for i in bad)}). "
+        "Every rank of a TP group must call the layer with inputs of the same shapes and dtypes and the "
+        "same call arguments (replicated inputs; sequence shards of equal size); masks too."
+    )

@@ -1,9 +1,11 @@
 """Picks the attention kernel for a call and says why.
 
-Order of preference: flash-attn, then SDPA, then the exact math path. Each
-backend lists its reasons for refusing an input; a forced backend that
-refuses raises a ValueError with every backend's reasons, so the user sees
-exactly what to change.
+Order of preference: flash-attn, then SDPA, then the exact math path, except
+that on sm90 and newer SDPA goes before FA2 unless the call is key-padded or
+has dropout (`flash.ranks_after_sdpa`), and that compiled CPU dropout drawn
+from a layer's RNG stream prefers the math path (`_stream_dropout_on_cpu`). Each backend lists its reasons for
+refusing an input; a forced backend that refuses raises a ValueError with
+every backend's reasons, so the user sees exactly what to change.
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ BACKENDS = {b.NAME: b for b in (flash, sdpa, math)}
 
 def _explain(reasons: dict[str, list[str]]) -> str:
     return "; ".join(f"{name}: {', '.join(r) if r else 'ok'}" for name, r in reasons.items())
+
+
+def _stream_dropout_on_cpu(req: AttentionRequest) -> bool:
+    """Compiled CPU dropout from a layer's RNG stream: the math path before SDPA.
+
+    On CPU, SDPA with dropout runs torch's own math kernel (the same cost as
+    dist_mha's), drawing from the default generator, which a compiled graph
+    can only point at the stream across a graph break. The math path draws
+    its mask from the stream inside the graph (`rng_streams.dropout`).
+    """
+    return (req.dropout_p > 0 and req.rng is not None and req.q_BTNH.device.type == "cpu"
+            and torch.compiler.is_compiling())
 
 
 def select(req: AttentionRequest, flash_attention=None, backend: str | None = None):
@@ -49,6 +63,12 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
         wanted = "flash_attention=True"
     elif flash_attention is False:
         candidates = ["sdpa", "math"]
+        wanted = None
+    elif not reasons["flash"] and flash.ranks_after_sdpa(req):
+        candidates = ["sdpa", "flash", "math"]
+        wanted = None
+    elif _stream_dropout_on_cpu(req):
+        candidates = ["flash", "math", "sdpa"]
         wanted = None
     else:
         candidates = list(BACKENDS)

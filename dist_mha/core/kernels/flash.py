@@ -1,60 +1,76 @@
-"""The flash-attn package: FA2 (`flash_attn`) or FA3 (`flash_attn_interface`).
+"""The flash-attn kernels: FA3, FA4 or FA2, whichever is installed and takes the call.
 
-Shape legend: B batch, T query positions, S key positions, N heads,
-H head size, nnz number of unmasked keys in the batch.
+Shape legend: B batch, T query positions, S key positions, N query heads,
+K key/value heads, H head size, nnz number of kept keys in the batch.
 
-Imported once, guarded: without the package (or without CUDA) this backend
-refuses every input with the reason, and the dispatcher moves on. Key
-padding runs through `flash_attn_varlen_func` on the unpadded keys; query
-padding zeroes output rows afterwards.
+The builds are found once, at import (`flash_variants.load`); without one
+(or without CUDA) this backend refuses every input with the reason, and the
+dispatcher moves on. Key padding runs through `flash_attn_varlen_func` on the
+unpadded keys; query padding zeroes output rows afterwards. flash-attn reads
+any q/k/v whose last dim is contiguous, so nothing is copied to make them so.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dist_mha.core.kernels import flash_variants
 from dist_mha.core.kernels.request import AttentionRequest, zero_rows
+from dist_mha.core.rng_streams import forked
 
 NAME = "flash"
 
-_IMPORT_ERRORS: list[str] = []
-# A broken install (missing CUDA libraries, ABI mismatch) raises OSError or
-# RuntimeError rather than ImportError; it must not break `import dist_mha`.
-try:  # FA3 (Hopper) first: it is the faster kernel where it is installed.
-    import flash_attn_interface as _fa3  # type: ignore
-except ImportError:  # pragma: no cover - depends on the machine
-    _fa3 = None
-except Exception as err:  # pragma: no cover - depends on the machine
-    _fa3 = None
-    _IMPORT_ERRORS.append(f"flash_attn_interface failed to import ({type(err).__name__}: {err})")
-try:
-    import flash_attn as _fa2  # type: ignore
-except ImportError:  # pragma: no cover - depends on the machine
-    _fa2 = None
-except Exception as err:  # pragma: no cover - depends on the machine
-    _fa2 = None
-    _IMPORT_ERRORS.append(f"flash_attn failed to import ({type(err).__name__}: {err})")
-
-AVAILABLE = _fa3 is not None or _fa2 is not None
+VARIANTS: list = []
+AVAILABLE = False
+_ABSENT: list[str] = []
+_UNUSABLE: list[str] = []
 
 
-def refusals(req: AttentionRequest) -> list[str]:
-    """Why flash-attn cannot serve `req` (empty when it can)."""
+def reload() -> None:
+    """Looks for the flash-attn builds again (after an install, or in tests)."""
+    global VARIANTS, AVAILABLE, _ABSENT, _UNUSABLE
+    VARIANTS, _ABSENT, _UNUSABLE = flash_variants.load()
+    AVAILABLE = bool(VARIANTS)
+
+
+reload()
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of `device` (cached: it is read on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+def _not_installed() -> str:
+    if _UNUSABLE:
+        return "; ".join(_UNUSABLE)
+    return (f"flash-attn is not installed (none of {', '.join(_ABSENT)} is importable; "
+            "pip install 'dist_mha[flash]' on a CUDA machine)")
+
+
+def _common_refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     m = req.masks
-    if not AVAILABLE:
-        reasons.append("; ".join(_IMPORT_ERRORS)
-                       or "the flash-attn package is not installed (pip install 'dist_mha[flash]' on a CUDA machine)")
-    if req.q_BTNH.device.type != "cuda":
-        reasons.append(f"inputs are on {req.q_BTNH.device.type}, flash-attn needs CUDA")
-    if req.q_BTNH.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {req.q_BTNH.dtype} is not float16/bfloat16")
+    q, v = req.q_BTNH, req.v_BSNH
+    if not _is_cuda(q):
+        reasons.append(f"inputs are on {q.device.type}, flash-attn needs CUDA")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {q.dtype} is not float16/bfloat16")
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
-    if req.q_BTNH.shape[-1] != req.v_BSNH.shape[-1]:
-        reasons.append(f"key_dim {req.q_BTNH.shape[-1]} != value_dim {req.v_BSNH.shape[-1]}")
-    if req.q_BTNH.shape[-1] > 256:
-        reasons.append(f"head size {req.q_BTNH.shape[-1]} > 256")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append(f"key_dim {q.shape[-1]} != value_dim {v.shape[-1]}")
+    if q.shape[-1] > 256:
+        reasons.append(f"head size {q.shape[-1]} > 256")
     if m.q_seg_BT is not None:
         reasons.append("segment ids (packed documents) need a dense mask here; flash-attn takes only causal and padding")
     if m.dense_BNTS is not None:
@@ -64,42 +80,97 @@ def refusals(req: AttentionRequest) -> list[str]:
                        f"puts query 0 at key {m.q_offset} (Keras: top-left), and S - T = {req.S - req.T}")
     if (m.causal or m.window is not None) and m.k_keep_BS is not None:
         reasons.append("causal/window with key padding would shift positions after unpadding")
-    if req.dropout_p > 0 and _fa2 is None:
-        reasons.append("dropout needs FA2; only FA3 (no dropout) is installed")
     if req.dropout_p > 0 and req.dropout_keep is not None:
         reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
     return reasons
 
 
-def _dense(q, k, v, req, causal, window):
-    if _fa3 is not None and req.dropout_p == 0:
-        out = _fa3.flash_attn_func(q, k, v, softmax_scale=req.scale, causal=causal, window_size=window)
-        return out[0] if isinstance(out, tuple) else out
-    return _fa2.flash_attn_func(q, k, v, dropout_p=req.dropout_p, softmax_scale=req.scale, causal=causal, window_size=window)
+def _variant_refusals(variant, req: AttentionRequest, capability) -> list[str]:
+    """Why one installed build cannot serve `req`."""
+    reasons = []
+    H = req.q_BTNH.shape[-1]
+    major = capability[0]
+    if variant.name == "FA2" and major < 8:
+        reasons.append(f"needs compute capability 8.0 or newer (this GPU: {major}.{capability[1]})")
+    if variant.name == "FA3" and major != 9:
+        reasons.append(f"runs on Hopper (compute capability 9.x) only (this GPU: {major}.{capability[1]})")
+    if variant.name == "FA4" and major not in (9, 10):
+        reasons.append(f"runs on Hopper and Blackwell (compute capability 9.x, 10.x) only (this GPU: {major}.{capability[1]})")
+    if variant.name in ("FA3", "FA4") and H % 8:
+        reasons.append(f"head size {H} is not a multiple of 8")
+    if variant.name == "FA4" and major == 10 and H > 128:
+        reasons.append(f"head size {H} > 128 on Blackwell")
+    if req.dropout_p > 0 and not variant.dropout:
+        reasons.append("it has no dropout (only FA2 has)")
+    if req.masks.window is not None and not variant.window:
+        reasons.append("this build takes no window_size")
+    return reasons
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, req, causal, window):
-    if _fa3 is not None and req.dropout_p == 0:
-        out = _fa3.flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=req.scale, causal=causal, window_size=window
-        )
-        return out[0] if isinstance(out, tuple) else out
-    return _fa2.flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=req.dropout_p, softmax_scale=req.scale, causal=causal, window_size=window
-    )
+def choose(req: AttentionRequest):
+    """`(variant, reasons)`: the first installed build that takes `req`, else None and why not."""
+    reasons = _common_refusals(req)
+    if not VARIANTS:
+        return None, reasons + [_not_installed()]
+    if reasons:
+        return None, reasons
+    capability = _capability(req.q_BTNH.device)
+    per_variant = []
+    for variant in VARIANTS:
+        why = _variant_refusals(variant, req, capability)
+        if not why:
+            return variant, []
+        per_variant.append(f"{variant.name} ({variant.module}): {', '.join(why)}")
+    if req.dropout_p > 0 and "flash_attn" in _ABSENT:
+        per_variant.append("FA2 (flash_attn), the only build with dropout, is not installed")
+    return None, ["; ".join(per_variant + _UNUSABLE)]
+
+
+def refusals(req: AttentionRequest) -> list[str]:
+    """Why flash-attn cannot serve `req` (empty when it can)."""
+    return choose(req)[1]
+
+
+def ranks_after_sdpa(req: AttentionRequest) -> bool:
+    """Whether SDPA should be tried before flash-attn for `req`.
+
+    On sm90 and newer, FA2 is slower than SDPA's cuDNN kernel (1.7-1.8x on an
+    H100, bf16, head size 128); FA2 keeps the lead only where SDPA pays for
+    what flash does natively: key padding (varlen, no (B, 1, 1, S) mask) and
+    dropout (cuDNN resolves some rates only to 1/16, see sdpa.py).
+    """
+    variant, _ = choose(req)
+    if variant is None or variant.name != "FA2":
+        return False
+    if req.masks.k_keep_BS is not None or req.dropout_p > 0:
+        return False
+    return _capability(req.q_BTNH.device)[0] >= 9
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def run(req: AttentionRequest):
     """Returns `(out_BTNH, None)`."""
+    variant, reasons = choose(req)
+    if variant is None:
+        raise ValueError(f"flash-attn cannot serve this call: {', '.join(reasons)}")
     m = req.masks
-    window = (-1, -1) if m.window is None else (m.window - 1, m.window - 1)
-    q, k, v = (t.contiguous() for t in (req.q_BTNH, req.k_BSNH, req.v_BSNH))
+    kwargs = dict(softmax_scale=req.scale, causal=m.causal)
+    if req.dropout_p > 0:
+        kwargs["dropout_p"] = req.dropout_p
+    if m.window is not None:
+        kwargs["window_size"] = (m.window - 1, m.window - 1)
+    q, k, v = (_last_dim_contiguous(t) for t in (req.q_BTNH, req.k_BSNH, req.v_BSNH))
     keep = None if m.q_keep_BT is None else m.q_keep_BT[:, :, None, None]
     if m.k_keep_BS is None:
-        return zero_rows(_dense(q, k, v, req, m.causal, window), keep), None
+        with forked(req):  # flash-attn draws dropout from the default CUDA generator
+            out = variant.call_dense(q, k, v, **kwargs)
+        return zero_rows(out, keep), None
 
     B, T, N, H = q.shape
-    K = k.shape[2]  # key/value heads: flash-attn reads grouped K/V natively
+    S, K = k.shape[1], k.shape[2]  # K key/value heads: flash-attn reads grouped K/V natively
     k_keep = m.k_keep_BS
     live_B = k_keep.any(dim=1)
     # A batch row with no key at all would give flash-attn a zero-length
@@ -108,13 +179,16 @@ def run(req: AttentionRequest):
     k_keep[:, 0] |= ~live_B
     live = live_B[:, None, None, None]
     keep = live if keep is None else keep & live
-    seqlens_k = k_keep.sum(dim=1, dtype=torch.int32)
-    cu_k = torch.nn.functional.pad(seqlens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = torch.nn.functional.pad(k_keep.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
     idx = k_keep.flatten().nonzero().flatten()
-    k_nnz = k.reshape(-1, K, H).index_select(0, idx)
-    v_nnz = v.reshape(-1, K, v.shape[-1]).index_select(0, idx)
+    k_nnz = k.reshape(B * S, K, H).index_select(0, idx)
+    v_nnz = v.reshape(B * S, K, v.shape[-1]).index_select(0, idx)
     cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    out = _varlen(
-        q.reshape(B * T, N, H), k_nnz, v_nnz, cu_q, cu_k, T, int(seqlens_k.max()), req, m.causal, window
-    )
+    # max_seqlen_k only sizes the kernel's grid: S bounds it without reading
+    # the lengths back from the GPU.
+    with forked(req):
+        out = variant.call_varlen(
+            q.reshape(B * T, N, H), k_nnz, v_nnz, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=T,
+            max_seqlen_k=S, **kwargs,
+        )
     return zero_rows(out.reshape(B, T, N, -1), keep), None

@@ -11,9 +11,9 @@ grouped-query attention repeats K/V to N heads (as Keras does).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dist_mha.core.kernels.request import AttentionRequest
+from dist_mha.core.rng_streams import dropout
 
 NAME = "math"
 
@@ -48,7 +48,7 @@ def run(req: AttentionRequest):
         keep = req.dropout_keep(probs_BNTS.shape, probs_BNTS.device)
         dropped = probs_BNTS * keep / (1.0 - req.dropout_p)
     elif req.dropout_p > 0:
-        dropped = F.dropout(probs_BNTS, req.dropout_p)
+        dropped = dropout(probs_BNTS, req.dropout_p, req.rng)
     else:
         dropped = probs_BNTS
     out_BNTH = torch.matmul(dropped, v_BNSH)

@@ -30,6 +30,8 @@ class AttentionRequest:
         need_scores: whether the pre-dropout probabilities must be returned.
         dropout_keep: optional `fn(shape_BNTS, device) -> bool keep-mask` that
             replaces the kernel's own dropout randomness (TP-invariant mode).
+        rng: optional `RNGStream` dropout draws from (the layer's per-rank
+            stream); None means torch's default generator.
     """
 
     q_BTNH: torch.Tensor
@@ -40,6 +42,7 @@ class AttentionRequest:
     dropout_p: float = 0.0
     need_scores: bool = False
     dropout_keep: object = None
+    rng: object = None
 
     @property
     def T(self) -> int:

@@ -12,13 +12,17 @@ Causal-only attention goes through `is_causal` (no mask tensor). Query
 padding never enters the mask: those rows are zeroed afterwards, so a
 query+key padding pair costs a `(B, 1, 1, S)` mask, not `(B, 1, T, S)`.
 
-On CUDA, torch's cuDNN backend is put first: on an H100 (torch 2.11, bf16,
-head_dim 128) it ran 1.7-1.8x faster than SDPA's flash backend, and unlike
-that backend it takes masks. torch still falls back to flash, efficient and
-math, in that order, for inputs cuDNN refuses. One exception: with a mask
-tensor and `S % 128 == 64`, cuDNN's backward can return NaN in dq (torch
-2.11+, H100/H200, when a row's logsumexp is below about -88.7:
-pytorch/pytorch#196678), so those calls put the memory-efficient kernel first.
+On CUDA, torch chooses the kernel (flash, efficient, cuDNN or math, in the
+order its version and the user's `torch.backends.cuda.enable_*_sdp` settings
+give), and dist_mha only ever takes cuDNN away, for one call, in two cases:
+- a mask tensor with `S % 128 == 64`: cuDNN's backward can return NaN in dq
+  (torch 2.11+, H100/H200, when a row's logsumexp is below about -88.7:
+  pytorch/pytorch#196678);
+- dropout whose rate is not a multiple of 1/16: some cuDNN kernels resolve
+  the rate only to 1/16 (0.1 runs as 0.0625 or 0.125, silently; torch stopped
+  routing such calls to cuDNN after 2.11, pytorch/pytorch#174245).
+Every other call runs with no context at all (entering `sdpa_kernel` costs
+host time), and no backend the user disabled is ever re-enabled.
 """
 
 from __future__ import annotations
@@ -34,26 +38,43 @@ from dist_mha.core.kernels.request import (
     mask_with_live_rows,
     zero_rows,
 )
+from dist_mha.core.rng_streams import forked
 
 NAME = "sdpa"
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_CUDA_ORDER_MASKED_S64 = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                          SDPBackend.MATH]
+# (torch flag name, backend) for every SDPA backend this torch has.
+_FLAGS = [(n, getattr(SDPBackend, b)) for n, b in (("flash", "FLASH_ATTENTION"), ("mem_efficient", "EFFICIENT_ATTENTION"),
+          ("math", "MATH"), ("cudnn", "CUDNN_ATTENTION"), ("overrideable", "OVERRIDEABLE"))
+          if hasattr(SDPBackend, b) and hasattr(torch._C, f"_get_{n}_sdp_enabled")]
 
 
-def cuda_priority(S: int, has_mask: bool) -> list:
-    """The SDPA backend order used on CUDA for `S` keys, with or without a mask tensor."""
-    return _CUDA_ORDER_MASKED_S64 if has_mask and S % 128 == 64 else _CUDA_ORDER
+def cudnn_demoted(S: int, has_mask: bool, dropout_p: float) -> bool:
+    """Whether a CUDA call with `S` keys, a mask tensor or not, and `dropout_p` must not run on cuDNN."""
+    masked_s64 = has_mask and S % 128 == 64
+    rounded_dropout = 0 < dropout_p and (16 * dropout_p) % 1 != 0
+    return masked_s64 or rounded_dropout
 
 
-def _priority(device, S, has_mask):
+def cuda_backends(S: int, has_mask: bool, dropout_p: float):
+    """The SDPA backends to allow for one CUDA call, or None to leave torch's own choice alone.
+
+    None unless cuDNN must be demoted (`cudnn_demoted`) and is enabled; then
+    the backends enabled now, without cuDNN. When cuDNN is the only backend
+    the user left enabled, that choice stands (None).
+    """
+    if not cudnn_demoted(S, has_mask, dropout_p):
+        return None
+    enabled = [b for n, b in _FLAGS if getattr(torch._C, f"_get_{n}_sdp_enabled")()]
+    if SDPBackend.CUDNN_ATTENTION not in enabled or len(enabled) == 1:
+        return None
+    return [b for b in enabled if b != SDPBackend.CUDNN_ATTENTION]
+
+
+def _backend_context(device, S, has_mask, dropout_p):
     if device.type != "cuda":
         return contextlib.nullcontext()
-    try:
-        return sdpa_kernel(cuda_priority(S, has_mask), set_priority=True)
-    except TypeError:  # torch < 2.6: no priorities; torch's own order applies
-        return contextlib.nullcontext()
+    backends = cuda_backends(S, has_mask, dropout_p)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(backends)
 
 
 def refusals(req: AttentionRequest) -> list[str]:
@@ -103,7 +124,7 @@ def run(req: AttentionRequest):
             gqa = {"enable_gqa": True}
         else:
             k_BKSH, v_BKSH = (t.repeat_interleave(req.groups, dim=1) for t in (k_BKSH, v_BKSH))
-    with _priority(req.q_BTNH.device, req.S, mask is not None):
+    with _backend_context(req.q_BTNH.device, req.S, mask is not None, req.dropout_p), forked(req):
         out_BNTH = F.scaled_dot_product_attention(
             req.q_BTNH.transpose(1, 2),
             k_BKSH,

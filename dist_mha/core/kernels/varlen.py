@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from dist_mha.core.kernels.request import AttentionRequest, zero_rows
 from dist_mha.core.masks import positional_mask
+from dist_mha.core.rng_streams import forked
 
 NAME = "varlen"
 
@@ -178,14 +179,15 @@ def run(req: AttentionRequest):
     B, T, N = q.shape[:3]
     Hv = v.shape[-1]
     rows = [[] for _ in range(B)]  # per batch row: (q0, q1, out)
-    for seq in seqs:
-        b = seq.b
-        if seq.keys is None:
-            k_s, v_s = k[b:b + 1, seq.k0:seq.k1], v[b:b + 1, seq.k0:seq.k1]
-        else:
-            idx = torch.tensor(seq.keys, device=k.device)
-            k_s, v_s = k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx)
-        rows[b].append((seq.q0, seq.q1, _attend(q[b:b + 1, seq.q0:seq.q1], k_s, v_s, req, seq)))
+    with forked(req):  # SDPA's dropout draws from the layer's RNG stream
+        for seq in seqs:
+            b = seq.b
+            if seq.keys is None:
+                k_s, v_s = k[b:b + 1, seq.k0:seq.k1], v[b:b + 1, seq.k0:seq.k1]
+            else:
+                idx = torch.tensor(seq.keys, device=k.device)
+                k_s, v_s = k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx)
+            rows[b].append((seq.q0, seq.q1, _attend(q[b:b + 1, seq.q0:seq.q1], k_s, v_s, req, seq)))
     out_rows = []
     for b in range(B):
         pieces, pos = [], 0
