@@ -89,11 +89,21 @@ class MaskSpec:
         return mask
 
 
+_POSITIONAL: dict = {}  # (T, S, causal, window, q_offset, device) -> mask; small and reused every call
+_POSITIONAL_MAX = 64
+
+
 def positional_mask(T: int, S: int, causal: bool, window: int | None, device, q_offset: int = 0) -> torch.Tensor:
     """`(T, S)` bool: causal (`i + q_offset >= j`) and/or band `|i + q_offset - j| < window`.
 
-    `q_offset=0` is Keras's top-left alignment.
+    `q_offset=0` is Keras's top-left alignment. Masks are cached per shape,
+    offset and device (callers only read them), so a training loop builds
+    each one once.
     """
+    key = (T, S, bool(causal), window, q_offset, str(device))
+    cached = None if torch.compiler.is_compiling() else _POSITIONAL.get(key)
+    if cached is not None:
+        return cached
     rows = torch.arange(q_offset, q_offset + T, device=device)[:, None]
     cols = torch.arange(S, device=device)[None, :]
     keep = torch.ones(T, S, dtype=torch.bool, device=device)
@@ -101,6 +111,10 @@ def positional_mask(T: int, S: int, causal: bool, window: int | None, device, q_
         keep = keep & (rows >= cols)
     if window is not None:
         keep = keep & ((rows - cols).abs() < window)
+    if not torch.compiler.is_compiling():
+        if len(_POSITIONAL) >= _POSITIONAL_MAX:
+            _POSITIONAL.pop(next(iter(_POSITIONAL)))
+        _POSITIONAL[key] = keep
     return keep
 
 

@@ -1,11 +1,13 @@
 """Picks the attention kernel for a call and says why.
 
-Order of preference: flash-attn, then SDPA, then the exact math path, except
-that on sm90 and newer SDPA goes before FA2 unless the call is key-padded or
-has dropout (`flash.ranks_after_sdpa`), and that compiled CPU dropout drawn
-from a layer's RNG stream prefers the math path (`_stream_dropout_on_cpu`). Each backend lists its reasons for
-refusing an input; a forced backend that refuses raises a ValueError with
-every backend's reasons, so the user sees exactly what to change.
+Order of preference: flash-attn, then varlen (CPU, ragged batches: only
+when its plan saves enough work, `varlen.worthwhile`), then SDPA, then the
+exact math path, except that on sm90 and newer SDPA goes before FA2 unless the
+call is key-padded or has dropout (`flash.ranks_after_sdpa`), and that
+compiled CPU dropout drawn from a layer's RNG stream prefers the math path
+(`_stream_dropout_on_cpu`). Each backend lists its reasons for refusing an
+input; a forced backend that refuses raises a ValueError with every backend's
+reasons, so the user sees exactly what to change.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import logging
 
 import torch
 
-from dist_mha.core.kernels import flash, math, sdpa
+from dist_mha.core.kernels import flash, math, sdpa, varlen
 from dist_mha.core.kernels.request import AttentionRequest
 
 logger = logging.getLogger("dist_mha")
 
-BACKENDS = {b.NAME: b for b in (flash, sdpa, math)}
+BACKENDS = {b.NAME: b for b in (flash, varlen, sdpa, math)}
 
 
 def _explain(reasons: dict[str, list[str]]) -> str:
@@ -45,7 +47,7 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
         req: the attention request.
         flash_attention: Keras's switch: None picks the fastest backend that
             accepts the input, True requires flash-attn, False excludes it.
-        backend: a backend name that must be used ("flash", "sdpa", "math").
+        backend: a backend name that must be used ("flash", "varlen", "sdpa", "math").
 
     Returns:
         `(module, explanation)`: the backend module and a one-line account of
@@ -62,7 +64,7 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
         candidates = ["flash"]
         wanted = "flash_attention=True"
     elif flash_attention is False:
-        candidates = ["sdpa", "math"]
+        candidates = ["varlen", "sdpa", "math"]
         wanted = None
     elif not reasons["flash"] and flash.ranks_after_sdpa(req):
         candidates = ["sdpa", "flash", "math"]
@@ -73,6 +75,11 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
     else:
         candidates = list(BACKENDS)
         wanted = None
+    if backend is None and not reasons["varlen"]:
+        gain, why = varlen.worthwhile(req)
+        if not gain:
+            candidates = [c for c in candidates if c != "varlen"]
+            reasons["varlen"] = [f"able, but skipped: {why}"]
     for name in candidates:
         if not reasons[name]:
             return BACKENDS[name], _explain(reasons)

@@ -128,6 +128,29 @@ def _plan(req):
             for b, (row, (q0, q1)) in enumerate(zip(keep, q_spans)) if any(row) and q1 > q0], "gathered keys"
 
 
+# When the dispatcher picks this backend by itself (measured on 2 CPU cores, `bench/README.md`):
+# a per-sequence call costs more than its share of one batched call, so the plan must save
+# a good part of the work, and sequences must not be tiny.
+MAX_WORK_RATIO = 0.8
+MIN_MEAN_KEYS = 64
+
+
+def worthwhile(req: AttentionRequest) -> tuple[bool, str]:
+    """Whether running the plan beats one dense SDPA call: `(yes, why not)`."""
+    seqs, _ = plan(req)
+    m = req.masks
+    causal = 0.5 if m.causal else 1.0
+    dense = req.q_BTNH.shape[0] * req.T * req.S * causal
+    work = sum((s.q1 - s.q0) * (len(s.keys) if s.keys is not None else s.k1 - s.k0) for s in seqs) * causal
+    ratio = work / max(dense, 1)
+    mean_keys = sum((len(s.keys) if s.keys is not None else s.k1 - s.k0) for s in seqs) / max(len(seqs), 1)
+    if ratio > MAX_WORK_RATIO:
+        return False, f"the sequences hold {ratio:.0%} of the dense work (> {MAX_WORK_RATIO:.0%})"
+    if mean_keys < MIN_MEAN_KEYS:
+        return False, f"sequences of {mean_keys:.0f} keys on average are too short to pay a call each (< {MIN_MEAN_KEYS})"
+    return True, ""
+
+
 def refusals(req: AttentionRequest) -> list[str]:
     """Why this backend cannot serve `req` (empty when it can)."""
     reasons = []
