@@ -128,3 +128,35 @@ def test_varlen_builds_no_T_by_S_mask(call):
     with _Shapes() as spy:
         layer(x, x, **call).sum().backward()
     assert not [s for s in spy.bool_shapes if len(s) >= 2 and s[-2:] == (T, T)], spy.bool_shapes
+
+
+def test_plans_are_reused_for_the_same_mask_object_and_never_for_a_new_one():
+    layer = MultiHeadAttention(4, 4, query_shape=E, attention_backend="varlen", dtype=torch.float64)
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    keep = RIGHT.clone()
+    first = layer(x, x, value_mask=keep, use_causal_mask=True)
+    again = layer(x, x, value_mask=keep, use_causal_mask=True)  # same tensor: the cached plan
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    del keep
+    for lengths in ([3, 16, 8], [16, 16, 1]):  # new tensors (maybe at a freed address): new plans
+        other = _right(lengths)
+        got = layer(x, x, value_mask=other, use_causal_mask=True)
+        ref = MultiHeadAttention(4, 4, query_shape=E, attention_backend="math", dtype=torch.float64)
+        ref.set_weights(layer.get_weights())
+        torch.testing.assert_close(got, ref(x, x, value_mask=other, use_causal_mask=True), rtol=0, atol=1e-12)
+    other[0, 5:] = False  # an in-place change bumps the version: a new plan
+    ref = MultiHeadAttention(4, 4, query_shape=E, attention_backend="math", dtype=torch.float64)
+    ref.set_weights(layer.get_weights())
+    torch.testing.assert_close(layer(x, x, value_mask=other, use_causal_mask=True),
+                               ref(x, x, value_mask=other, use_causal_mask=True), rtol=0, atol=1e-12)
+
+
+def test_causal_pair_count_closed_form_matches_counting():
+    import itertools
+
+    from dist_mha.core.kernels.varlen import Sequence, _pairs
+
+    for lq, lk, q0, k0 in itertools.product((1, 5, 16), (1, 7, 16), (0, 3, 9), (0, 2, 12)):
+        seq = Sequence(0, q0, q0 + lq, k0, k0 + lk)
+        assert _pairs(seq, True) == sum(max(0, min(lk, i + q0 - k0 + 1)) for i in range(lq))
+        assert _pairs(seq, False) == lq * lk

@@ -21,13 +21,16 @@ band. Three decompositions, tried in order:
    keys, gathered (any pattern).
 
 Query padding zeroes output rows, as everywhere. The plan is read from the
-masks on the host, so this backend serves CPU tensors in eager mode only (on
-CUDA, flash-attn's varlen kernels are the ragged path). An attention_mask,
-returned scores or TP-invariant dropout need the dense paths.
+masks on the host: free on CPU; on CUDA one synchronisation per distinct
+mask, since plans are cached by the mask tensors' identity and version, so
+the layers of one forward pass share one read (eager mode only: under
+torch.compile the read would break the graph). An attention_mask, returned
+scores or TP-invariant dropout need the dense paths.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -77,12 +80,32 @@ def _range(keep: list[bool]) -> tuple[int, int] | None:
     return (idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else None
 
 
+_PLANS: dict = {}  # mask identity -> (weak references, plan); the layers of a model see the same masks
+_PLANS_MAX = 16
+
+
+def _identity(t):
+    # The object id alone could be reused by a new tensor; the weak reference below rules that out.
+    return None if t is None else (id(t), t._version)
+
+
 def plan(req: AttentionRequest) -> tuple[list[Sequence] | None, str]:
-    """The sequences of `req` (cached on it), or `(None, why not)`."""
+    """The sequences of `req`, or `(None, why not)`; cached on `req` and by the masks' identity."""
     cached = getattr(req, "_varlen_plan", None)
     if cached is not None:
         return cached
-    result = _plan(req)
+    m = req.masks
+    masks = (m.q_keep_BT, m.k_keep_BS, m.q_seg_BT, m.k_seg_BS)
+    key = (*(_identity(t) for t in masks), m.dense_BNTS is None, req.q_BTNH.shape[0], req.T, req.S, m.causal,
+           m.window, m.q_offset)
+    hit = _PLANS.get(key)
+    if hit is not None and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[0], masks)):
+        result = hit[1]
+    else:
+        result = _plan(req)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = (tuple(None if t is None else weakref.ref(t) for t in masks), result)
     req._varlen_plan = result
     return result
 
@@ -128,35 +151,44 @@ def _plan(req):
             for b, (row, (q0, q1)) in enumerate(zip(keep, q_spans)) if any(row) and q1 > q0], "gathered keys"
 
 
-# When the dispatcher picks this backend by itself (measured on 2 CPU cores, `bench/README.md`):
-# a per-sequence call costs more than its share of one batched call, so the plan must save
-# a good part of the work, and sequences must not be tiny.
-MAX_WORK_RATIO = 0.8
-MIN_MEAN_KEYS = 64
+# When the dispatcher picks this backend by itself. Each sequence is one SDPA call plus the
+# slicing and concatenation around it; the dense alternative computes every (query, key) pair,
+# since its mask tensor rules out SDPA's causal fast path. Measured fwd+bwd on 2 CPU cores
+# (bench/README.md, "varlen dispatch rule"): varlen wins once each call saves about 300k
+# (query, key, head) products, e.g. B=8 rows half padded at T=512, causal at T=256; it loses
+# at T <= 128 and when under ~15% of the pairs are saved.
+MIN_SAVED_PER_CALL = 300_000
+
+
+def _pairs(seq: Sequence, causal: bool) -> int:
+    lq = seq.q1 - seq.q0
+    lk = len(seq.keys) if seq.keys is not None else seq.k1 - seq.k0
+    if not causal:
+        return lq * lk
+    # Query i sees min(lk, max(0, i + a)) keys, a = offset + 1: zeros, a ramp, then full rows.
+    a = (seq.q0 - seq.k0 if seq.keys is None else 0) + 1
+    start = min(lq, max(0, -a))
+    ramp_end = min(lq, max(start, lk - a))
+    ramp = (ramp_end - start) * (2 * a + start + ramp_end - 1) // 2
+    return ramp + (lq - ramp_end) * lk
 
 
 def worthwhile(req: AttentionRequest) -> tuple[bool, str]:
     """Whether running the plan beats one dense SDPA call: `(yes, why not)`."""
     seqs, _ = plan(req)
-    m = req.masks
-    causal = 0.5 if m.causal else 1.0
-    dense = req.q_BTNH.shape[0] * req.T * req.S * causal
-    work = sum((s.q1 - s.q0) * (len(s.keys) if s.keys is not None else s.k1 - s.k0) for s in seqs) * causal
-    ratio = work / max(dense, 1)
-    mean_keys = sum((len(s.keys) if s.keys is not None else s.k1 - s.k0) for s in seqs) / max(len(seqs), 1)
-    if ratio > MAX_WORK_RATIO:
-        return False, f"the sequences hold {ratio:.0%} of the dense work (> {MAX_WORK_RATIO:.0%})"
-    if mean_keys < MIN_MEAN_KEYS:
-        return False, f"sequences of {mean_keys:.0f} keys on average are too short to pay a call each (< {MIN_MEAN_KEYS})"
+    B, N = req.q_BTNH.shape[0], req.q_BTNH.shape[2]
+    saved = (B * req.T * req.S - sum(_pairs(s, req.masks.causal) for s in seqs)) * N
+    per_call = saved / max(len(seqs), 1)
+    if per_call < MIN_SAVED_PER_CALL:
+        return False, (f"it would save {per_call:,.0f} (query, key, head) products per sequence call, fewer than the "
+                       f"{MIN_SAVED_PER_CALL:,} a call costs (force attention_backend='varlen' to use it anyway)")
     return True, ""
 
 
 def refusals(req: AttentionRequest) -> list[str]:
     """Why this backend cannot serve `req` (empty when it can)."""
     reasons = []
-    if req.q_BTNH.device.type != "cpu":
-        reasons.append(f"inputs are on {req.q_BTNH.device.type}; the per-sequence plan is read on the host (CPU only)")
-    elif torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         reasons.append("under torch.compile the plan (read from mask values) would break the graph")
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
