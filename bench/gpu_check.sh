@@ -15,11 +15,15 @@
 #      Both are named by path: the GPU image has no keras/hydra, and collecting
 #      all of tests/ would only add skips.
 #   3. python bench/bench_attention.py --device cuda --shapes memory    (60 s) -> gpu_memory.json
-#   4. python bench/bench_attention.py --device cuda --shapes large --compile   (the rest, <= 240 s)
+#   4. python bench/bench_ragged.py --device cuda     (45 s) -> gpu_ragged.json: padded and packed
+#      batches' valid-token TFLOP/s against a full batch (target >= 0.95x)
+#   5. python bench/bench_decode.py --device cuda     (25 s) -> gpu_decode.json: KV-cache decode
+#      tokens/s and cache bytes, MHA vs GQA vs MQA
+#   6. python bench/bench_attention.py --device cuda --shapes large --compile   (the rest, <= 240 s)
 #        -> gpu_large.json (+ .png if matplotlib is installed); every eager row
 #        is written before the first compile, so a timeout keeps them
-#   5. the issue's GPU targets, read back from the two JSON files
-#      (bench_attention.py --check-targets), with the attention kernels each ran
+#   7. the GPU targets, read back from the JSON files (bench_attention.py
+#      --check-targets; gpu_ragged.json's "targets"), with the kernels each ran
 #
 # GPU_CHECK_DRY_RUN=1 runs the same steps on CPU at the small shape (the GPU
 # tests skip), to check the script itself on a machine without a GPU
@@ -66,10 +70,12 @@ step() {  # step <name> <timeout_s> <command...>
 DEVICE=cuda
 LARGE=(--shapes large --compile)
 MEMORY=(--shapes memory)
+SMALL=()
 if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   DEVICE=cpu
   LARGE=(--shapes small --impls dist_mha:sdpa --heaviness heavy --no-memory)
   MEMORY=(--shapes small --variants self --impls dist_mha:sdpa --heaviness heavy)
+  SMALL=(--quick)
   echo "gpu_check: dry run on CPU (GPU_CHECK_DRY_RUN=1)"
 elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: torch.cuda.is_available() is False with $PY; nothing to check here" >&2
@@ -86,6 +92,8 @@ step pytest-tp-cuda 45 "$PY" -m pytest -q -rs "tests/test_tp.py::test_same_parit
 # Benchmarks. They rewrite their JSON after every group, so a timeout still leaves partial results.
 # Memory first (short); the large run takes what is left of the budget (its eager rows come first).
 step bench-memory 60 "$PY" bench/bench_attention.py --device "$DEVICE" "${MEMORY[@]}" --no-chart --out "$RESULTS/gpu_memory.json"
+step bench-ragged 45 "$PY" bench/bench_ragged.py --device "$DEVICE" "${SMALL[@]}" --out "$RESULTS/gpu_ragged.json"
+step bench-decode 25 "$PY" bench/bench_decode.py --device "$DEVICE" "${SMALL[@]}" --repeats 1 --out "$RESULTS/gpu_decode.json"
 step bench-large 240 "$PY" bench/bench_attention.py --device "$DEVICE" "${LARGE[@]}" --out "$RESULTS/gpu_large.json"
 
 # Targets from the issue (see bench/README.md), evaluated on whatever was written.
@@ -94,6 +102,22 @@ echo "=== [targets]"
 "$PY" bench/bench_attention.py --device "$DEVICE" --check-targets "$RESULTS/gpu_large.json" "$RESULTS/gpu_memory.json" \
   | tee "$RESULTS/gpu_targets.txt"
 targets_rc=$?
+# Ragged batches (issue 11): bench_ragged.py writes its own pass/fail per target.
+"$PY" - "$RESULTS/gpu_ragged.json" <<'PYEOF' | tee -a "$RESULTS/gpu_targets.txt"
+import json, sys
+try:
+    targets = json.load(open(sys.argv[1]))["targets"]
+except (OSError, KeyError, ValueError) as err:
+    print(f"ragged targets: not evaluable ({err})")
+    sys.exit(2)
+for name, ok in targets.items():
+    print(f"   [{'PASS' if ok else 'MISS'}] ragged: {name}")
+sys.exit(0 if all(targets.values()) else 3)
+PYEOF
+ragged_rc=${PIPESTATUS[0]}
+if [ "$targets_rc" -eq 0 ] && [ "$ragged_rc" -ne 0 ]; then
+  targets_rc=$ragged_rc
+fi
 
 echo
 echo "results: $(ls "$RESULTS"/gpu_* 2>/dev/null | tr '\n' ' ')"

@@ -126,9 +126,9 @@ def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
     proc = _run(["bash", str(ROOT / "bench" / "gpu_check.sh")], timeout=600, extra_env=env)
     assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" not in proc.stderr
-    for step in ("pytest-gpu", "pytest-tp-cuda", "bench-large", "bench-memory"):
+    for step in ("pytest-gpu", "pytest-tp-cuda", "bench-large", "bench-memory", "bench-ragged", "bench-decode"):
         assert f"=== [{step}] rc=0" in proc.stdout, step
-    for name in ("gpu_large.json", "gpu_memory.json", "gpu_targets.txt"):
+    for name in ("gpu_large.json", "gpu_memory.json", "gpu_targets.txt", "gpu_ragged.json", "gpu_decode.json"):
         assert (tmp_path / name).exists(), name
     verdicts = [line for line in (tmp_path / "gpu_targets.txt").read_text().splitlines() if "[PASS]" in line or "[MISS]" in line]
     assert len(verdicts) >= 8
