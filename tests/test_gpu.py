@@ -169,3 +169,53 @@ def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
     first = out.clone()
     graph.replay()
     assert torch.isfinite(out).all() and not torch.equal(first, out)  # each replay draws new masks
+
+
+def _ring_blocks_on_cuda(kv_heads):
+    """Two key blocks (a full one before the queries, a diagonal one) merged with LSE, then the backward
+    with the merged output and LSE: `flash_cuda` blocks against exact float32 attention."""
+    from dist_mha.core.kernels import blockwise
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, t, H = 4, 64, 64
+    q = torch.randn(1, n, t, H, device="cuda", generator=g)
+    k = torch.randn(1, kv_heads, 2 * t, H, device="cuda", generator=g)
+    v = torch.randn(1, kv_heads, 2 * t, H, device="cuda", generator=g)
+    dO = torch.randn(1, n, t, H, device="cuda", generator=g)
+    scale = H ** -0.5
+    # Reference: queries at positions t..2t-1, causal over keys 0..2t-1, float32 autograd.
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    keep = torch.arange(t, 2 * t, device="cuda")[:, None] >= torch.arange(2 * t, device="cuda")[None]
+    g_ = n // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qr, kr.repeat_interleave(g_, 1), vr.repeat_interleave(g_, 1), attn_mask=keep, scale=scale)
+    ref.backward(dO)
+    qb, kb, vb, dOb = (x.bfloat16() for x in (q, k, v, dO))
+    impl, why = blockwise.choose(qb, vb, False, None)
+    assert impl == "flash_cuda", why
+    state = {}
+    blocks = [(kb[:, :, :t], vb[:, :, :t], False), (kb[:, :, t:], vb[:, :, t:], True)]
+    out = lse = None
+    for kk, vv, causal in blocks:
+        o_b, l_b = blockwise.forward(impl, qb, kk, vv, None, scale, is_causal=causal, state=state)
+        out, lse = blockwise.merge(out, lse, o_b, l_b)
+    O = out.to(torch.bfloat16)
+    torch.testing.assert_close(O.float(), ref.detach(), rtol=2e-2, atol=2e-2)
+    D = (dOb.float() * O.float()).sum(-1)
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for kk, vv, causal in blocks:
+        dq_b, dk_b, dv_b = blockwise.backward(impl, dOb, qb, kk, vv, O, lse, D, None, scale, is_causal=causal,
+                                              state=state)
+        dq += dq_b.float()
+        dks.append(dk_b.float())
+        dvs.append(dv_b.float())
+    torch.testing.assert_close(dq, qr.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(torch.cat(dks, 2), kr.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(torch.cat(dvs, 2), vr.grad, rtol=3e-2, atol=3e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_ring_blocks_on_cuda_flash_kernels_match_exact_attention(kv_heads):
+    _ring_blocks_on_cuda(kv_heads)

@@ -125,6 +125,7 @@ class _RingAttention(torch.autograd.Function):
         kv = _pack(k_BSKH, v_BSKH)
         q_parts = _chunks(q, 2)
         outs, lses = [None, None], [None, None]
+        state = {}  # what a kernel's backward needs besides the merged output and LSE
         for step in range(plan.p):
             src = (plan.r - step) % plan.p
             pending = _exchange(kv, plan) if step < plan.p - 1 else None
@@ -137,7 +138,7 @@ class _RingAttention(torch.autograd.Function):
                         continue
                     plan.blocks += 1
                     out_b, lse_b = blockwise.forward(plan.impl, q_parts[qi], k_blk, v_blk, mask, plan.scale, keep,
-                                                     plan.rate, is_causal)
+                                                     plan.rate, is_causal, state)
                     outs[qi], lses[qi] = blockwise.merge(outs[qi], lses[qi], out_b, lse_b)
             if pending is not None:
                 recv, reqs = pending
@@ -153,7 +154,7 @@ class _RingAttention(torch.autograd.Function):
         O = torch.cat(outs, dim=2).to(q.dtype)  # (B, n, t, Hv)
         L = torch.cat(lses, dim=2)
         ctx.save_for_backward(q_BTNH, k_BSKH, v_BSKH, O, L)
-        ctx.plan = plan
+        ctx.plan, ctx.state = plan, state
         return O.transpose(1, 2)
 
     @staticmethod
@@ -188,7 +189,7 @@ class _RingAttention(torch.autograd.Function):
                     k_blk, v_blk = _chunks(k_src, 2)[ki], _chunks(v_src, 2)[ki]
                     dq_b, dk_b, dv_b = blockwise.backward(
                         plan.impl, dO_parts[qi], q_parts[qi], k_blk, v_blk, O_parts[qi], L_parts[qi], D_parts[qi],
-                        mask, plan.scale, keep, plan.rate, is_causal)
+                        mask, plan.scale, keep, plan.rate, is_causal, ctx.state)
                     dq_parts[qi].add_(dq_b)
                     _chunks(dk_src, 2)[ki].add_(dk_b)
                     _chunks(dv_src, 2)[ki].add_(dv_b)

@@ -11,14 +11,20 @@ backward of block b needs the *final* output `O` and log-sum-exp `L` of the
 query rows (`P_b = exp(S_b - L)` are then the final probabilities, and
 `dS_b = P_b * (dP_b - rowsum(dO * O))`), so `backward` takes them.
 
-Two implementations:
+Three implementations:
 - "sdpa": torch's CPU flash kernels (`aten._scaled_dot_product_flash_attention_for_cpu`
   and its backward, which take `out` and `logsumexp`): grouped K/V in place,
   masks as an additive bias. CPU, no dropout, `H == Hv`.
+- "flash_cuda": torch's CUDA flash kernels (`aten._scaled_dot_product_flash_attention`
+  and its backward, as torch's own context parallelism drives them) for the
+  blocks without a mask (every block of causal attention without padding:
+  full or diagonal); masked blocks of the same call run on math. fp16/bf16,
+  no dropout, `H == Hv`, head size a multiple of 8 up to 256. Not yet run
+  on a GPU: `tests/test_gpu.py` checks it against math (`bench/gpu_check.sh`).
 - "math": explicit scores, any device and dtype, grouped K/V repeated, and
   dropout with a given keep-mask (counter-based, so the backward sees the
   forward's mask without storing it).
-Both report rows with no visible key as `lse = -inf` and a zero output.
+All report rows with no visible key as `lse = -inf` and a zero output.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None) -> tuple[str, str]:
     """`(implementation, why)` for the blocks of one ring call."""
     reasons = []
-    if q_BNTH.device.type != "cpu":
-        reasons.append(f"inputs on {q_BNTH.device.type}: the LSE-returning SDPA ops are wired for CPU only")
+    H = q_BNTH.shape[-1]
+    if q_BNTH.device.type == "cuda":
+        if q_BNTH.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {q_BNTH.dtype}: the CUDA flash kernels take float16/bfloat16")
+        if H % 8 or H > 256:
+            reasons.append(f"head size {H}: the CUDA flash kernels take multiples of 8 up to 256")
+    elif q_BNTH.device.type != "cpu":
+        reasons.append(f"inputs on {q_BNTH.device.type}: the LSE-returning SDPA ops are wired for CPU and CUDA")
     if q_BNTH.shape[-1] != v_BKSH.shape[-1]:
         reasons.append(f"key_dim {q_BNTH.shape[-1]} != value_dim {v_BKSH.shape[-1]}")
     if dropout:
@@ -45,6 +57,9 @@ def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None) -> tuple[str, str]
         reasons.append("attention_backend='math'")
     if reasons:
         return "math", "ring blocks on math: " + "; ".join(reasons)
+    if q_BNTH.device.type == "cuda":
+        return "flash_cuda", ("ring blocks on SDPA's CUDA flash kernel where a block has no mask (LSE returned, "
+                              "backward given the merged LSE), masked blocks on math")
     return "sdpa", "ring blocks on SDPA's CPU flash kernel (LSE returned, backward given the merged LSE)"
 
 
@@ -84,16 +99,26 @@ def _with_causal(mask, is_causal, q_BNTH, k_BKSH):
     return causal if mask is None else mask & causal
 
 
-def forward(impl, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False):
+def forward(impl, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False, state=None):
     """One block: `(out_BNTH normalised over this block, lse_BNT)`.
 
     Args:
-        impl: "sdpa" or "math" (see `choose`).
+        impl: "sdpa", "flash_cuda" or "math" (see `choose`).
         mask: bool, broadcastable to `(B, n, t, s)`, True to attend; None: every key.
         keep: dropout keep-mask `(B, n, t, s)` (math only), applied with `1 / (1 - rate)`.
         is_causal: top-left causal on top of `mask` (a diagonal block; no positional mask is built).
+        state: a dict that keeps what the CUDA flash backward needs besides
+            the merged output and LSE (its placeholder arguments, shape-independent).
     """
     shape_BNT = q_BNTH.shape[:3]
+    if impl == "flash_cuda" and mask is None:
+        out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(
+            q_BNTH, k_BKSH, v_BKSH, dropout_p=0.0, is_causal=is_causal, return_debug_mask=False, scale=scale)
+        if state is not None:
+            state.setdefault("flash_rest", rest[:6])  # cum_seq_q, cum_seq_k, max_q, max_k, philox seed, offset
+        return out, lse.float()
+    if impl == "flash_cuda":
+        impl = "math"  # a masked block
     if impl == "sdpa":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_BNTH, k_BKSH, v_BKSH, is_causal=is_causal, attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
@@ -120,12 +145,19 @@ def _scores(q_BNTH, k_BKSH, mask, scale):
 
 
 def backward(impl, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None, rate=0.0,
-             is_causal=False):
+             is_causal=False, state=None):
     """Gradients of one block `(dq_BNTH, dk_BKSH, dv_BKSH)` from the final `O`, `L` and `D = rowsum(dO * O)`.
 
     Rows with `L = -inf` (nothing visible anywhere) must come with `dO = 0`
     and a finite `L` (the caller substitutes 0): their gradient is zero.
     """
+    if impl == "flash_cuda" and mask is None:
+        cum_q, cum_k, max_q, max_k, seed, offset = state["flash_rest"]
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.float(), cum_q, cum_k, max_q, max_k, 0.0, is_causal,
+            seed, offset, scale=scale)
+    if impl == "flash_cuda":
+        impl = "math"
     if impl == "sdpa":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.to(lse_dtype(q_BNTH.dtype)), 0.0, is_causal,
