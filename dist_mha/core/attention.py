@@ -22,13 +22,12 @@ from contextlib import nullcontext as _nullcontext
 import torch
 from torch import nn
 
+from dist_mha.core import call, context_attention, projections
 from dist_mha.core import config as cfg
-from dist_mha.core import context_attention, inputs, projections, segments
 from dist_mha.core.fused_projection import project
 from dist_mha.core.kernels import AttentionRequest, attention
 from dist_mha.core.kv_cache import KVCache
 from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
-from dist_mha.core.masks import build_mask_spec
 from dist_mha.core.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 from dist_mha.keras_objects import constraints, initializers, regularizers
 from dist_mha.parallel import context as cp_layout
@@ -228,59 +227,29 @@ class AttentionCore(nn.Module):
         cache=None,
         segment_ids=None,
     ):
-        agree = bool(self._check_groups) and self.check_ranks
-        try:
-            query, value, key = inputs.check_inputs(self, query, value, key)
-            return_attention_scores = cfg.boolean("return_attention_scores", return_attention_scores)
-            use_causal_mask = cfg.boolean("use_causal_mask", use_causal_mask)
-            if training is not None:
-                training = cfg.boolean("training", training)
-            if cache is not None:
-                inputs.check_cache_call(self, cache, query, value, use_causal_mask)
-            if self.cp_size > 1:
-                cp_layout.check_cp_call(self, query, value, return_attention_scores, cache)
-            local_error = None
-        except ValueError as err:
-            if not agree:
-                raise
-            local_error = err  # every rank of the groups must hear of it before any collective
-        training = self.training if training is None else training
-        dropout_p = self._dropout if training else 0.0
+        c = call.validate(self, query, value, key, [query_mask, value_mask, key_mask, attention_mask, segment_ids],
+                          return_attention_scores, training, use_causal_mask, cache)
+        query, value, key, dropout_p, pending = c.query, c.value, c.key, c.dropout_p, c.pending
+        return_attention_scores = c.return_scores
         group, sp = self.tp_group, self.sequence_parallel
-        pending = None  # the rank check in flight: local work overlaps its round trip
-        if agree:
-            pending = inputs.check_tp_call(self, query, value, key,
-                                           [query_mask, value_mask, key_mask, attention_mask, segment_ids],
-                                           return_attention_scores, use_causal_mask, dropout_p > 0,
-                                           -1 if cache is None else cache.length, local_error,
-                                           wait=torch.compiler.is_compiling())  # compiled: one break, here
         if self.tp_size > 1:
             if sp and pending is not None:  # the all-gather is this call's first collective
                 pending.wait()
                 pending = None
             query, value, key = region.enter(group, sp, query, value, key)
 
-        projs = self._projections()
-        q, k, gate, v = project(projs, query, key, value, self._projection_weights(projs))  # (B, d.., n|k, H|Hv)
         layout = AttentionLayout(query.dim(), self._attention_axes)
-        batch = [q.shape[d] for d in layout.batch_dims]
-        # Masks and positions are global: the whole sequence under CP, cached positions included.
-        grow = self.cp_size if self.cp_size > 1 else 1
-        t_dims = [q.shape[d] * grow for d in layout.attention_axes]
-        s_dims = [k.shape[d] * grow + (0 if cache is None else cache.length) for d in layout.attention_axes]
-        q_shape, v_shape = list(query.shape), list(value.shape)
-        q_shape[1], v_shape[1] = q_shape[1] * grow, v_shape[1] * grow
-        masks = build_mask_spec(
-            layout, q_shape, v_shape, (*batch, self._num_heads, *t_dims, *s_dims),
-            query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
-            attention_mask=attention_mask, use_causal_mask=use_causal_mask,
-            sliding_window=self._sliding_window, device=query.device,
-        )
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("`segment_ids` and `cache` cannot be combined: decode one document per cache row.")
-            masks.q_seg_BT, masks.k_seg_BS = segments.parse_segment_ids(
-                segment_ids, q_shape, v_shape, value is query, query.device)
+        masks, t_dims, s_dims = call.masks(self, layout, query, value, key, query_mask, value_mask, key_mask,
+                                           attention_mask, c.causal, segment_ids, cache)
+        projs = self._projections()
+        rows = call.valid_rows(self, masks, query, value, key, c, cache)  # padding no one attends to
+        if rows is None:
+            q, k, gate, v = project(projs, query, key, value, self._projection_weights(projs))  # (B, d.., n|k, H|Hv)
+        else:
+            x_R = query.reshape(-1, query.shape[-1]).index_select(0, rows)
+            lead = query.shape[:-1]
+            q, k, gate, v = (None if y is None else call.scatter_rows(y, rows, lead.numel()).view(*lead, *y.shape[1:])
+                             for y in project(projs, x_R, x_R, x_R, self._projection_weights(projs)))
         if cache is not None:
             # Keys and values of every position so far; query i sits at position L + i.
             k, v, masks.k_keep_BS, masks.q_offset = cache.append(k, v, masks.k_keep_BS)
@@ -311,13 +280,22 @@ class AttentionCore(nn.Module):
         if gate is not None:
             context = context * gate
         out_proj = self._modules["attention_output"]
+        if rows is not None:
+            # Skipped tokens have a zero context: their output is the bias alone.
+            context = context.reshape(-1, *context.shape[-2:]).index_select(0, rows)
+        bias_now = rows is None  # with skipped rows the bias is added after scattering back
         if self.tp_size > 1:
             partial = out_proj(context, add_bias=False)
             if pending is not None:  # the output all-reduce is this call's first collective
                 pending.wait()
-            output = region.leave(group, sp, partial, out_proj.bias)
+            output = region.leave(group, sp, partial, out_proj.bias if bias_now else None)
         else:
-            output = out_proj(context)
+            output = out_proj(context, add_bias=bias_now)
+        if rows is not None:
+            lead = query.shape[:-1]
+            output = call.scatter_rows(output, rows, lead.numel()).view(*lead, *output.shape[1:])
+            if out_proj.bias is not None:
+                output = output + out_proj.bias.to(output.dtype)
         if not return_attention_scores:
             self._record_activity(q, k, gate, v, output)
             return output
