@@ -35,6 +35,19 @@ from dist_mha.parallel import region, sharding
 
 DROPOUT_MODES = ("per_rank", "tp_invariant")
 
+# Constructor arguments both Keras layers take with the same meaning (their head arguments differ).
+SHARED_ARGS = (
+    "dropout", "use_bias", "sliding_window", "flash_attention", "kernel_initializer", "bias_initializer",
+    "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint", "bias_constraint",
+    "use_gate", "seed", "query_shape", "value_shape", "key_shape", "attention_backend", "device", "dtype", "tp_group",
+    "sequence_parallel", "cp_group", "cp_mode", "dropout_mode", "check_ranks", "name", "trainable", "kwargs",
+)
+
+
+def shared_args(args: dict) -> dict:
+    """The `SHARED_ARGS` from a layer constructor's `locals()`."""
+    return {k: args[k] for k in SHARED_ARGS}
+
 
 class AttentionCore(nn.Module):
     """The engine: projections, masks, kernels, RNG streams and tensor parallelism.

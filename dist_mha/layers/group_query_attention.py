@@ -7,7 +7,7 @@ engine in `dist_mha.core.attention`, the same one `MultiHeadAttention` runs.
 from __future__ import annotations
 
 from dist_mha.core import config as cfg
-from dist_mha.core.attention import AttentionCore
+from dist_mha.core.attention import AttentionCore, shared_args
 from dist_mha.layers.keras_api import KerasLayerAPI
 
 
@@ -121,15 +121,7 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
             )
         self._init_core(
             layer_name="grouped_query_attention", num_heads=num_query_heads, num_kv_heads=num_key_value_heads,
-            key_dim=head_dim, value_dim=head_dim, output_shape=None, attention_axes=None, dropout=dropout,
-            use_bias=use_bias, sliding_window=sliding_window, flash_attention=flash_attention,
-            kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
-            activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, query_shape=query_shape,
-            value_shape=value_shape, key_shape=key_shape, attention_backend=attention_backend, device=device,
-            dtype=dtype, tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode,
-            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs, cp_group=cp_group, cp_mode=cp_mode,
+            key_dim=head_dim, value_dim=head_dim, output_shape=None, attention_axes=None, **shared_args(locals()),
         )
 
     # -- Keras attributes ------------------------------------------------------

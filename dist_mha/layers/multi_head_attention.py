@@ -8,7 +8,7 @@ of as many key/value heads as query heads).
 from __future__ import annotations
 
 from dist_mha.core import config as cfg
-from dist_mha.core.attention import AttentionCore
+from dist_mha.core.attention import AttentionCore, shared_args
 from dist_mha.layers.keras_api import KerasLayerAPI
 
 
@@ -150,14 +150,7 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
             layer_name="multi_head_attention", num_heads=num_heads, num_kv_heads=num_heads, key_dim=key_dim,
             value_dim=cfg.positive_int("value_dim", value_dim, allow_none=True) or key_dim,
             output_shape=cfg.output_shape(output_shape), attention_axes=cfg.attention_axes(attention_axes),
-            dropout=dropout, use_bias=use_bias, sliding_window=sliding_window, flash_attention=flash_attention,
-            kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
-            activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint, use_gate=use_gate, seed=seed, query_shape=query_shape,
-            value_shape=value_shape, key_shape=key_shape, attention_backend=attention_backend, device=device,
-            dtype=dtype, tp_group=tp_group, sequence_parallel=sequence_parallel, dropout_mode=dropout_mode,
-            check_ranks=check_ranks, name=name, trainable=trainable, kwargs=kwargs, cp_group=cp_group, cp_mode=cp_mode,
+            **shared_args(locals()),
         )
 
     # -- Keras read-only properties ------------------------------------------
