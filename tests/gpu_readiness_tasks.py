@@ -143,3 +143,12 @@ def rank_check_timeline(ctx, tp, sequence_parallel):
         dist.all_reduce, engine.attention = real_all_reduce, real_attention
         setattr(dist, gather_name, real_gather)
     return events
+
+
+def companion_timeout(ctx, tp):
+    """The gloo companion of a group reported as NCCL: its timeout (s) and the group's own (the pool's 30 s)."""
+    group = ctx.group(tp)
+    with group_reported_as_nccl(group):
+        companion = sharding.cpu_group(group)
+        assert companion is not group
+        return sharding._timeout_of(companion).total_seconds(), sharding._timeout_of(group).total_seconds()

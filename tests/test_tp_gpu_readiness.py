@@ -27,3 +27,9 @@ def test_rank_check_overlaps_the_local_work_and_completes_before_the_first_colle
     # With it, the input all-gather comes first: the check completes before it.
     for events in rank_pool.run(tasks.rank_check_timeline, 2, True):
         assert events[:4] == ["check_start_async", "check_wait", "all_gather", "attention"], events
+
+
+def test_gloo_companion_of_an_nccl_group_inherits_its_timeout(rank_pool):
+    # Without it the rank check's group would use torch's 30-minute default: a hung peer would block it that long.
+    for companion, own in rank_pool.run(tasks.companion_timeout, 2):
+        assert companion == own == 30.0

@@ -178,14 +178,28 @@ def cpu_group(group):
 
     The rank-agreement check runs there on CPU tensors, so it never waits for
     the GPU: on an NCCL group a CUDA tensor read back would sync every call.
-    Created with local synchronisation, so only the group's ranks take part.
+    Created with local synchronisation, so only the group's ranks take part,
+    and with the group's own timeout (else torch's 30-minute default would let
+    a hung peer block the check that long).
     """
     if group is None or dist.get_backend(group) == "gloo":
         return group
     ranks = tuple(dist.get_process_group_ranks(group))
     if ranks not in _CPU_GROUPS:
-        _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+        timeout = _timeout_of(group)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True, **kwargs)
     return _CPU_GROUPS[ranks]
+
+
+def _timeout_of(group):
+    """The collective timeout `group` was created with (None if torch does not say)."""
+    try:
+        for device in group._device_types:
+            return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+    return None
 
 
 def check_ranks_agree(group, values: list[int], names: list[str], shown: list[str] | None = None) -> None:
