@@ -6,12 +6,15 @@ multi-head attention; query head i reads key/value head i // (N / K)),
 H key_dim, Hv value_dim, Dq/Dk/Dv input features; lower case n/k are this
 tensor-parallel rank's heads.
 
-One call, top to bottom: check inputs -> build on first use -> [enter the TP
-region] -> project q/k/v (Keras-layout kernels) -> [append to the KV cache] -> fold to
-`*_BTNH` -> merge masks -> local kernel (flash-attn / SDPA / math) with
-dropout under the layer's RNG stream -> unfold -> [gate] -> output projection
--> [leave the TP region]. Both Keras layers are thin constructors over this
-one forward: multi-head attention is the `K == N` case.
+One call, top to bottom (`call.py` holds the steps before the kernel): check
+inputs and start the rank-agreement check -> build on first use -> [enter the
+TP region] -> merge masks (global positions) -> project q/k/v (Keras-layout
+kernels; only the tokens anyone attends to, when padding allows) -> [append to
+the KV cache] -> fold to `*_BTNH` -> local kernel (flash-attn / varlen / SDPA /
+math) with dropout under the layer's RNG stream, or ring/Ulysses context
+parallelism -> unfold -> [gate] -> output projection -> [leave the TP region].
+Both Keras layers are thin constructors over this one forward: multi-head
+attention is the `K == N` case.
 """
 
 from __future__ import annotations
@@ -323,12 +326,12 @@ class AttentionCore(nn.Module):
         """The stream to fork for dropout, or None when `req.dropout_keep` carries TP-invariant masks."""
         if self.dropout_mode != "tp_invariant":
             return self._dropout_stream
-        call = self._invariant_calls.next()
+        index = self._invariant_calls.next()
         seed, rate, num_heads = self._invariant_calls.seed, req.dropout_p, self._num_heads
 
         def keep(shape_BNTS, device):
             global_shape = (shape_BNTS[0], num_heads, *shape_BNTS[2:])
-            return invariant_keep_mask(seed, call, global_shape, (slice(None), slice(h0, h1)), rate, device)
+            return invariant_keep_mask(seed, index, global_shape, (slice(None), slice(h0, h1)), rate, device)
 
         req.dropout_keep = keep
         return None
