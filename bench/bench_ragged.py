@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"| row | backend | median s | time x full | valid-token TFLOP/s | x full |")
+    print("| row | backend | median s | time x full | valid-token TFLOP/s | x full |")
     print("|---|---|---|---|---|---|")
     for r in records:
         print(f"| {r['row']} | {r['backend']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | "
