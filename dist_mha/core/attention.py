@@ -27,11 +27,11 @@ from torch import nn
 
 from dist_mha.core import call, context_attention, projections
 from dist_mha.core import config as cfg
+from dist_mha.core.dropout_streams import DropoutStreams
 from dist_mha.core.fused_projection import project
 from dist_mha.core.kernels import AttentionRequest, attention
 from dist_mha.core.kv_cache import KVCache
 from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
-from dist_mha.core.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 from dist_mha.keras_objects import constraints, initializers, regularizers
 from dist_mha.parallel import context as cp_layout
 from dist_mha.parallel import region, sharding
@@ -52,7 +52,7 @@ def shared_args(args: dict) -> dict:
     return {k: args[k] for k in SHARED_ARGS}
 
 
-class AttentionCore(nn.Module):
+class AttentionCore(DropoutStreams, nn.Module):
     """The engine: projections, masks, kernels, RNG streams and tensor parallelism.
 
     Subclasses (the Keras layers) validate their own head arguments and call
@@ -169,20 +169,6 @@ class AttentionCore(nn.Module):
 
     def _check_build_rank(self, rank: int) -> None:
         """Layers that take only some input ranks override this."""
-
-    def _make_streams(self, base: int) -> None:
-        seed = self.seed if self.seed is not None else base
-        if self.seed is not None or self.tp_size > 1 or self.cp_size > 1:
-            # seed=None on one device keeps Keras's meaning: torch's global RNG.
-            # Under TP/CP the per-rank stream needs a seed; `base` follows torch.manual_seed.
-            rank = self.tp_rank + self.tp_size * self.cp_rank
-            self._dropout_stream = RNGStream(stream_seed(seed, "attention_dropout", rank), "attention_dropout")
-        self.replicated_stream = RNGStream(stream_seed(seed, "replicated"), "replicated")
-        self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
-
-    def rng_streams(self) -> list:
-        """The layer's RNG streams (for `dist_mha.core.rng_streams.checkpoint`)."""
-        return [s for s in (self._dropout_stream, self.replicated_stream, self._invariant_calls) if s is not None]
 
     def _sub(self, name):
         if not self.built:
@@ -321,17 +307,3 @@ class AttentionCore(nn.Module):
             scores = sharding.gather_full(scores, heads_dim, group)
         self._record_activity(q, k, gate, v, output, scores, heads_dim if local_scores else None)
         return output, scores
-
-    def _dropout_for(self, req: AttentionRequest, h0: int, h1: int):
-        """The stream to fork for dropout, or None when `req.dropout_keep` carries TP-invariant masks."""
-        if self.dropout_mode != "tp_invariant":
-            return self._dropout_stream
-        index = self._invariant_calls.next()
-        seed, rate, num_heads = self._invariant_calls.seed, req.dropout_p, self._num_heads
-
-        def keep(shape_BNTS, device):
-            global_shape = (shape_BNTS[0], num_heads, *shape_BNTS[2:])
-            return invariant_keep_mask(seed, index, global_shape, (slice(None), slice(h0, h1)), rate, device)
-
-        req.dropout_keep = keep
-        return None
