@@ -227,3 +227,16 @@ def state_layout(ctx, tp, cp):
     ranks = dist.get_process_group_ranks
     return dict(rank=dist.get_rank(), tp=ranks(s.tp_group), cp=ranks(s.cp_group), dp_cp=ranks(s.dp_cp_group),
                 sizes=(s.tp_size, s.cp_size, s.dp_size))
+
+
+def forced_varlen_under_ring(ctx):
+    from dist_mha import MultiHeadAttention
+
+    _, cp_group = ctx.grid(1, 2)
+    layer = MultiHeadAttention(4, 3, query_shape=E, cp_group=cp_group, attention_backend="varlen")
+    x = torch.randn(B, 4, E)
+    try:
+        layer(x, x, value_mask=torch.ones(B, 8, dtype=torch.bool))
+    except ValueError as err:
+        return str(err)
+    return None

@@ -138,3 +138,19 @@ def test_parallel_state_lays_out_dp_x_cp_x_tp(rank_pool):
         assert info["tp"] == [r - r % 2, r - r % 2 + 1]
         assert info["cp"] == [r % 2, r % 2 + 2]
         assert info["dp_cp"] == [r % 2, r % 2 + 2] and info["sizes"] == (2, 2, 1)
+
+
+def test_forcing_a_backend_under_ring_chooses_or_refuses_with_reasons():
+    import torch
+
+    from dist_mha.core.kernels import blockwise
+
+    q = torch.zeros(1, 2, 4, 8)
+    assert blockwise.choose(q, q, False, "sdpa")[0] == "sdpa"  # CPU: SDPA's flash kernel blocks
+    assert blockwise.choose(q, q, True, "sdpa")[0] == "math"   # dropout: math blocks (a forced sdpa then raises)
+    assert blockwise.choose(q, q, False, "math")[0] == "math"
+
+
+def test_forced_varlen_under_ring_raises_on_every_rank(rank_pool):
+    for msg in rank_pool.run(cp_tasks.forced_varlen_under_ring):
+        assert msg is not None and "attention_backend='varlen' cannot serve ring" in msg and "varlen: its" in msg

@@ -42,12 +42,14 @@ def _ring(layer, req, h0, h1, T, S):
     q, k, v, m = req.q_BTNH, req.k_BSNH, req.v_BSNH, req.masks
     impl, why = blockwise.choose(q.transpose(1, 2), v, req.dropout_p > 0, layer._attention_backend)
     forced = layer._attention_backend
-    if layer._flash_attention is True or forced == "flash" or (forced == "sdpa" and impl != "sdpa"):
+    refused = forced in ("flash", "varlen") or (forced == "sdpa" and impl == "math")
+    if layer._flash_attention is True or refused:
         wanted = "flash_attention=True" if layer._flash_attention is True else f"attention_backend={forced!r}"
         raise ValueError(
             f"{wanted} cannot serve ring context parallelism. Why: flash: ring blocks need a backward that takes "
-            f"the merged log-sum-exp, which dist_mha drives for torch's kernels only; sdpa: {why}; math: ok. Use "
-            "cp_mode='ulysses' (any local kernel) or let dist_mha choose (attention_backend=None)."
+            "the merged log-sum-exp, which dist_mha drives for torch's kernels only; varlen: its per-sequence plan "
+            f"does not split into ring blocks; sdpa: {why}; math: ok. Use cp_mode='ulysses' (any local kernel) or "
+            "let dist_mha choose (attention_backend=None)."
         )
     keep_fn, rate = None, req.dropout_p
     if rate > 0:
