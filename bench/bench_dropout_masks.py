@@ -23,29 +23,22 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_bench.memory import _proc_status  # noqa: E402  (VmRSS / VmHWM of this process)
+
 MASK_SHAPE = (4, 32, 512, 512)  # (B, heads, T, S): 33.5M elements, a 32 MiB bool mask
 LAYER = dict(B=2, T=1024, E=256, heads=8)  # probabilities (2, 8, 1024, 1024): 64 MiB in float32
-
-
-def _status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
 
 
 def _peak(fn):
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status()["VmRSS"]
+    before = _proc_status()["VmRSS"]
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    peak = _status()["VmHWM"]
+    peak = _proc_status()["VmHWM"]
     del out
     return max(0, peak - before), seconds
 
