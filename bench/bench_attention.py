@@ -72,7 +72,7 @@ Implementations:
 * ``dist_mha:sdpa`` / ``dist_mha:math`` / ``dist_mha:flash`` -- ``dist_mha.MultiHeadAttention``
   at TP=1 with ``attention_backend=`` forced, built eagerly with ``query_shape=``.
   A backend that refuses the call (or flash-attn not installed:
-  ``dist_mha.core.kernels.flash.AVAILABLE`` False) gets a null record with the reason.
+  ``dist_mha.attention.kernels.flash.AVAILABLE`` False) gets a null record with the reason.
   ``auto_backend`` in each record says what the default (``flash_attention=None``)
   picks for that call, ``backend_ran`` what the forced layer reported.
 * ``torch_mha`` -- ``torch.nn.MultiheadAttention(batch_first=True)``, ``need_weights=False``.

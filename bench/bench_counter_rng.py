@@ -1,4 +1,4 @@
-"""Counter-based RNG speed: `dist_mha.core.counter_rng` vs torch's own generator, in the same run.
+"""Counter-based RNG speed: `dist_mha.rng.counter` vs torch's own generator, in the same run.
 
     python bench/bench_counter_rng.py [--out bench/results/counter_rng_cpu.json] [--shape 2048 2048] [--repeats 7]
 
@@ -29,7 +29,7 @@ for _p in (ROOT, HERE):
 import torch
 
 from attention_bench.load import OthersLoad
-from dist_mha.core.counter_rng import normal, uniform
+from dist_mha.rng.counter import normal, uniform
 
 
 def _median_s(fn, repeats: int) -> float:

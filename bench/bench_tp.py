@@ -19,7 +19,7 @@ slower rank's):
 2. ``check_ranks`` -- TP=2 forward (no_grad) per call with `check_ranks=True`
    vs `False` (same layer; the flag alternates every block of 10 calls so both
    settings see the same conditions; the quartiles of the per-block-pair
-   differences show the spread), the isolated `dist_mha.core.inputs.check_tp_call`
+   differences show the spread), the isolated `dist_mha.engine.inputs.check_tp_call`
    (the tiny int64 all-reduce + `.tolist()` host sync that the flag adds), and a
    raw gloo all-reduce of the same 74 int64 as the floor, in microseconds.
 3. ``dropout_mode`` -- dropout=0.1, training=True, fwd+bwd at TP=1 and TP=2:

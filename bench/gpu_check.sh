@@ -83,7 +83,7 @@ elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 else
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
 fi
-"$PY" -c 'import dist_mha.core.kernels.flash as f; print("flash-attn builds:", [v.name for v in f.VARIANTS] or f._not_installed())' || true
+"$PY" -c 'import dist_mha.attention.kernels.flash as f; print("flash-attn builds:", [v.name for v in f.VARIANTS] or f._not_installed())' || true
 
 # Test steps. Exit code 5 (nothing collected) counts as a failure: the marker or path is wrong.
 step pytest-gpu 60 "$PY" -m pytest -q -rs tests/test_gpu.py

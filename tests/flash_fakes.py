@@ -202,7 +202,7 @@ def fake_flash(tmp_path, monkeypatch):
     fakes run on CPU tensors; `install` returns the flash module, whose
     `_capability` the test may patch further. Everything is undone afterwards.
     """
-    from dist_mha.core.kernels import flash
+    from dist_mha.attention.kernels import flash
 
     dirs = []
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha import MultiHeadAttention
-from dist_mha.parallel import sharding
+from dist_mha.parallel.tp import sharding
 
 E = 12
 
@@ -99,7 +99,7 @@ def region_without_copies(ctx, tp):
 def rank_check_timeline(ctx, tp, sequence_parallel):
     """The order of one TP forward's events: the rank check's start and wait, the local attention, and the
     first collective (the real collectives run; they are only recorded)."""
-    import dist_mha.core.attention as engine
+    import dist_mha.engine.attention as engine
 
     group = ctx.group(tp)
     torch.manual_seed(0)

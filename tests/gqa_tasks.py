@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha import GroupQueryAttention
-from dist_mha.parallel.checkpoint import load_tp_shard, save_tp_shard
+from dist_mha.checkpoint import load_tp_shard, save_tp_shard
 from dist_mha.testing import compare_with_reference
 from tp_tasks import count_collectives
 

@@ -166,7 +166,7 @@ def test_fused_self_attention_projection_equals_separate_projections(use_gate, u
     (256, False, 0.0625, False),
 ])
 def test_cuda_sdpa_takes_cudnn_away_only_where_it_is_wrong(S, has_mask, dropout_p, demoted):
-    from dist_mha.core.kernels import sdpa
+    from dist_mha.attention.kernels import sdpa
 
     backends = sdpa.cuda_backends(S, has_mask, dropout_p)
     if not demoted:
@@ -187,7 +187,7 @@ def sdpa_flags():
 
 
 def test_cuda_sdpa_never_enables_a_backend_the_user_disabled(sdpa_flags):
-    from dist_mha.core.kernels import sdpa
+    from dist_mha.attention.kernels import sdpa
 
     torch.backends.cuda.enable_flash_sdp(False)
     names = {b.name for b in sdpa.cuda_backends(192, True, 0.1)}
@@ -199,7 +199,7 @@ def test_cuda_sdpa_never_enables_a_backend_the_user_disabled(sdpa_flags):
 def test_cuda_sdpa_context_disables_cudnn_for_the_call_and_keeps_the_priority_order(sdpa_flags):
     import contextlib
 
-    from dist_mha.core.kernels import sdpa
+    from dist_mha.attention.kernels import sdpa
 
     cuda = torch.device("cuda")  # only the context is built and entered: no CUDA needed
     assert isinstance(sdpa._backend_context(cuda, 192, False, 0.0), contextlib.nullcontext)
@@ -212,7 +212,7 @@ def test_cuda_sdpa_context_disables_cudnn_for_the_call_and_keeps_the_priority_or
 
 
 def test_sdpa_backend_context_sees_key_count_mask_and_dropout(monkeypatch):
-    from dist_mha.core.kernels import sdpa
+    from dist_mha.attention.kernels import sdpa
 
     seen, real = [], sdpa._backend_context
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.core import call
+from dist_mha.engine import call
 
 B, T, E = 3, 16, 16
 VALID = torch.zeros(B, T, dtype=torch.bool)

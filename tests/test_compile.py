@@ -97,7 +97,7 @@ def test_compiled_stream_dropout_is_reproducible_resumable_and_drops_the_rate():
     (d2,), _ = run(state=state, calls=1)
     assert torch.equal(d2, a2)  # a checkpoint taken after one compiled call resumes the sequence
 
-    from dist_mha.core.rng_streams import RNGStream, dropout
+    from dist_mha.rng.streams import RNGStream, dropout
 
     stream = RNGStream(9)
     ones = torch.ones(256, 1024)

@@ -1,4 +1,4 @@
-"""Tests for dist_mha.core.counter_rng: the stateless, blockwise generator."""
+"""Tests for dist_mha.rng.counter: the stateless, blockwise generator."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_mha.core import counter_rng as crng
-from dist_mha.core.counter_rng import mix64, normal, uniform
+from dist_mha.rng import counter as crng
+from dist_mha.rng.counter import mix64, normal, uniform
 
 M64 = (1 << 64) - 1
 

@@ -143,7 +143,7 @@ def test_parallel_state_lays_out_dp_x_cp_x_tp(rank_pool):
 def test_forcing_a_backend_under_ring_chooses_or_refuses_with_reasons():
     import torch
 
-    from dist_mha.core.kernels import blockwise
+    from dist_mha.attention.kernels import blockwise
 
     q = torch.zeros(1, 2, 4, 8)
     assert blockwise.choose(q, q, False, "sdpa")[0] == "sdpa"  # CPU: SDPA's flash kernel blocks

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_mha.core.counter_rng import keep_mask, mix64, uniform
-from dist_mha.core.rng_streams import invariant_keep_mask
+from dist_mha.rng.counter import keep_mask, mix64, uniform
+from dist_mha.rng.streams import invariant_keep_mask
 
 
 @pytest.mark.parametrize("shape,index", [

@@ -19,9 +19,9 @@ from flash_fakes import calls  # the `fake_flash` fixture comes through conftest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core.kernels import AttentionRequest
-from dist_mha.core.kernels import math as math_kernel
-from dist_mha.core.masks import MaskSpec
+from dist_mha.attention.kernels import AttentionRequest
+from dist_mha.attention.kernels import math as math_kernel
+from dist_mha.attention.masks import MaskSpec
 
 B, T, S, N, H = 2, 6, 10, 4, 8
 
@@ -53,7 +53,7 @@ def _padding():
 
 
 def test_nothing_installed_says_so_and_nothing_else():
-    from dist_mha.core.kernels import flash
+    from dist_mha.attention.kernels import flash
 
     if flash.VARIANTS or flash._UNUSABLE:
         pytest.skip("a flash-attn build is present on this machine")

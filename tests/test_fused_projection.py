@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core import fused_projection
-from dist_mha.core.fused_projection import fused_self_projection
+from dist_mha.engine import fused_projection
+from dist_mha.engine.fused_projection import fused_self_projection
 
 
 @pytest.fixture(params=[True, False], ids=["concat_gemm", "per_projection_gemm"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core.kernels import flash
+from dist_mha.attention.kernels import flash
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA, found none")
@@ -93,8 +93,8 @@ def test_sdpa_masked_backward_is_finite_where_cudnn_gives_nan_on_cuda(S):
     order puts the efficient kernel first there; the gradients must be finite."""
     import math
 
-    from dist_mha.core.kernels import AttentionRequest, sdpa
-    from dist_mha.core.masks import MaskSpec
+    from dist_mha.attention.kernels import AttentionRequest, sdpa
+    from dist_mha.attention.masks import MaskSpec
 
     torch.manual_seed(0)
     B, N, H = 1, 2, 64
@@ -123,9 +123,9 @@ def test_bf16_dropout_drops_the_requested_fraction_on_cuda(backend, rate):
     n = 2**20 draws: the standard error is 3e-4 at p = 0.1, the tolerance 5e-3."""
     import math
 
-    from dist_mha.core.kernels import AttentionRequest
-    from dist_mha.core.kernels import sdpa as sdpa_kernel_module
-    from dist_mha.core.masks import MaskSpec
+    from dist_mha.attention.kernels import AttentionRequest
+    from dist_mha.attention.kernels import sdpa as sdpa_kernel_module
+    from dist_mha.attention.masks import MaskSpec
 
     if backend == "flash" and not any(v.dropout for v in flash.VARIANTS):
         pytest.skip("needs FA2 (the flash-attn build with dropout), not installed")
@@ -147,7 +147,7 @@ def test_bf16_dropout_drops_the_requested_fraction_on_cuda(backend, rate):
 def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
     """The stream fork swaps generator states with graphsafe_set_state, which CUDA-graph capture allows
     (copying states in and out, as torch.cuda.set_rng_state does, is refused during capture)."""
-    from dist_mha.core.rng_streams import generators
+    from dist_mha.rng.streams import generators
 
     if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
         pytest.skip("this torch has no CUDAGraph.register_generator_state")
@@ -174,7 +174,7 @@ def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
 def _ring_blocks_on_cuda(kv_heads):
     """Two key blocks (a full one before the queries, a diagonal one) merged with LSE, then the backward
     with the merged output and LSE: `flash_cuda` blocks against exact float32 attention."""
-    from dist_mha.core.kernels import blockwise
+    from dist_mha.attention.kernels import blockwise
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, t, H = 4, 64, 64

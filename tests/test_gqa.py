@@ -9,9 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.core.kernels import AttentionRequest, sdpa
-from dist_mha.core.kernels import math as math_kernel
-from dist_mha.core.masks import MaskSpec
+from dist_mha.attention.kernels import AttentionRequest, sdpa
+from dist_mha.attention.kernels import math as math_kernel
+from dist_mha.attention.masks import MaskSpec
 
 B, T, S, NQ, H = 2, 6, 9, 8, 4
 

@@ -286,7 +286,7 @@ def test_orthogonal_matches_keras_shape_handling(shape, gain):
 def test_orthogonal_is_sign_fixed_qr_of_the_keyed_normal_matrix():
     # Keras: a = normal((max, min)); q, r = qr(a); q *= sign(diag(r)). So
     # q.T @ a == r * sign(diag(r)): upper triangular with a positive diagonal.
-    from dist_mha.core.counter_rng import mix64, normal
+    from dist_mha.rng.counter import mix64, normal
 
     for shape in [(12, 5), (5, 12)]:
         q = ours.Orthogonal(seed=4)(shape, torch.float64, salt=2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.core.kv_cache import KVCache
+from dist_mha.attention.kv_cache import KVCache
 from dist_mha.models.decoder import DecoderLM
 from dist_mha.models.generation import generate
 

@@ -42,7 +42,7 @@ def test_mixed_policy_computes_and_returns_in_the_compute_dtype_like_keras(polic
 
 def test_mixed_policy_object_config_round_trip_and_self_attention_fusion(monkeypatch):
     k = keras()
-    from dist_mha.core import fused_projection
+    from dist_mha.engine import fused_projection
 
     layer = GroupQueryAttention(4, 8, num_key_value_heads=2, query_shape=32, dtype=k.DTypePolicy("mixed_bfloat16"))
     assert layer.get_config()["dtype"]["config"]["name"] == "mixed_bfloat16"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core.rng_streams import RecomputeError, RNGStream, checkpoint, collect_streams
+from dist_mha.rng.streams import RecomputeError, RNGStream, checkpoint, collect_streams
 
 
 def _layer(mode="per_rank", seed=3):
@@ -98,7 +98,7 @@ def test_recompute_outside_the_stream_replay_raises_instead_of_changing_masks(ho
     layer = _layer(mode)
     x = _x().requires_grad_()
     out = FOREIGN_CHECKPOINTS[how](lambda t: layer(t, t, training=True), x)
-    with pytest.raises(RecomputeError, match=r"dist_mha\.core\.rng_streams\.checkpoint"):
+    with pytest.raises(RecomputeError, match=r"dist_mha\.rng\.streams\.checkpoint"):
         out.pow(2).sum().backward()
 
 

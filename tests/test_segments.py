@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.core.segments import document_positions, segment_mask
+from dist_mha.attention.segments import document_positions, segment_mask
 from dist_mha.models.decoder import DecoderLM
 
 B, T, S, E = 2, 12, 9, 16

@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.core.kernels import AttentionRequest, varlen
-from dist_mha.core.masks import MaskSpec
+from dist_mha.attention.kernels import AttentionRequest, varlen
+from dist_mha.attention.masks import MaskSpec
 
 B, T, E = 3, 16, 16
 
@@ -154,7 +154,7 @@ def test_plans_are_reused_for_the_same_mask_object_and_never_for_a_new_one():
 def test_causal_pair_count_closed_form_matches_counting():
     import itertools
 
-    from dist_mha.core.kernels.varlen import Sequence, _pairs
+    from dist_mha.attention.kernels.varlen import Sequence, _pairs
 
     for lq, lk, q0, k0 in itertools.product((1, 5, 16), (1, 7, 16), (0, 3, 9), (0, 2, 12)):
         seq = Sequence(0, q0, q0 + lq, k0, k0 + lk)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha import MultiHeadAttention
-from dist_mha.parallel.checkpoint import load_tp_shard, save_tp_shard
+from dist_mha.checkpoint import load_tp_shard, save_tp_shard
 from dist_mha.testing import compare_with_reference
 
 B, T, S, E = 2, 8, 4, 12

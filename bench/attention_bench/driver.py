@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from dist_mha.core.kernels import flash as _flash
+from dist_mha.attention.kernels import flash as _flash
 
 from .config import BASELINE, CPU_HEAVY, DEFAULT_SHAPES, ITERS, SHAPES, VARIANTS
 from .impls import attention_flops, auto_backend, impl_names

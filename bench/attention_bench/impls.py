@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_mha import MultiHeadAttention
-from dist_mha.core.kernels import flash as _flash
+from dist_mha.attention.kernels import flash as _flash
 
 from .config import BASELINE
 from .timing import Runner
@@ -100,7 +100,7 @@ def make_impl(name, shape, variant, device, param_dtype):
     H = E // N
     torch.manual_seed(0)
     if name == "dist_mha:flash" and not _flash.AVAILABLE:
-        raise Unsupported("flash-attn is not installed (dist_mha.core.kernels.flash.AVAILABLE is False)")
+        raise Unsupported("flash-attn is not installed (dist_mha.attention.kernels.flash.AVAILABLE is False)")
     if name.startswith("dist_mha:"):
         backend = name.split(":")[1]
         backend = None if backend == "auto" else backend

@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from dist_mha.core.kernels import flash as _flash
+from dist_mha.attention.kernels import flash as _flash
 
 from .config import BASELINE
 

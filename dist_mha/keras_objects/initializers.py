@@ -1,7 +1,7 @@
 """Keras 3 weight initializers that can generate one shard of a weight.
 
 Names, defaults, configs and distributions follow `keras.initializers`, but
-sampling goes through `dist_mha.core.counter_rng`, so a tensor-parallel rank can
+sampling goes through `dist_mha.rng.counter`, so a tensor-parallel rank can
 draw only its block (`index=`) and get exactly what the full weight holds
 there, whatever the sharding. Values are identically distributed to Keras's,
 not bit-identical (different generator).
@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from dist_mha.core import counter_rng
-from dist_mha.core.counter_rng import mix64
 from dist_mha.keras_objects import registry
+from dist_mha.rng import counter
+from dist_mha.rng.counter import mix64
 
 # Keras's constant: stddev of a unit normal truncated to [-2, 2]; dividing by
 # it makes the truncated draw have the requested variance.
@@ -72,7 +72,7 @@ class Initializer(registry.KerasObject):
             ValueError: on an invalid `index`.
         """
         shape = tuple(int(d) for d in shape)
-        counter_rng._block(shape, index)  # validates `index` before any work
+        counter._block(shape, index)  # validates `index` before any work
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.split(".")[-1])
         ctx = dict(dtype=dtype or torch.get_default_dtype(), device=device, index=index,
@@ -162,7 +162,7 @@ class RandomInitializer(Initializer):
         return mix64(int(base), int(salt))
 
     def _draw(self, kind, shape, ctx):
-        fn = counter_rng.normal if kind == "normal" else counter_rng.uniform
+        fn = counter.normal if kind == "normal" else counter.uniform
         u = fn(self._key(ctx), shape, ctx["index"], device=ctx["device"])
         if kind != "truncated":
             return u
@@ -335,7 +335,7 @@ class Orthogonal(RandomInitializer):
             raise ValueError("The tensor to initialize must be at least two-dimensional. "
                              f"Received: shape={shape} of rank {len(shape)}.")
         rows, cols = math.prod(shape[:-1]), shape[-1]
-        a = counter_rng.normal(self._key(ctx), (max(rows, cols), min(rows, cols)),
+        a = counter.normal(self._key(ctx), (max(rows, cols), min(rows, cols)),
                                device=ctx["device"])
         q, r = torch.linalg.qr(a)
         q = q * torch.sign(torch.diagonal(r))

@@ -1,13 +1,13 @@
 """`GroupQueryAttention`: Keras 3's grouped-query attention layer as a `torch.nn.Module`.
 
 The Keras-facing constructor, properties and config; the forward pass is the
-engine in `dist_mha.core.attention`, the same one `MultiHeadAttention` runs.
+engine in `dist_mha.engine.attention`, the same one `MultiHeadAttention` runs.
 """
 
 from __future__ import annotations
 
-from dist_mha.core import config as cfg
-from dist_mha.core.attention import AttentionCore, shared_args
+from dist_mha.engine import config as cfg
+from dist_mha.engine.attention import AttentionCore, shared_args
 from dist_mha.layers.keras_api import KerasLayerAPI
 
 

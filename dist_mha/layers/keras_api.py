@@ -12,10 +12,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dist_mha.core import config as cfg
+from dist_mha.engine import config as cfg
 from dist_mha.keras_objects import constraints, initializers, regularizers
-from dist_mha.parallel import checkpoint as tp_checkpoint
-from dist_mha.parallel import region, sharding
+from dist_mha.parallel import region
+from dist_mha.parallel.tp import reshard, sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
@@ -136,7 +136,7 @@ class KerasLayerAPI:
     def get_extra_state(self) -> dict:
         """Sharding metadata and RNG states, saved in `state_dict()` under `_extra_state`.
 
-        `dist_mha.parallel.checkpoint.reshard_state_dicts` reads it to load a
+        `dist_mha.parallel.tp.reshard.reshard_state_dicts` reads it to load a
         checkpoint written at one TP degree into a layer at another.
         """
         dims, units = {}, {}
@@ -149,10 +149,10 @@ class KerasLayerAPI:
                     dims[f"{name}.bias"] = proj.bias_shard_dim
                     units[f"{name}.bias"] = proj.shard_units
         streams = self.rng_streams() if self.built else ()
-        return tp_checkpoint.extra_state(self, dims, self._num_heads, "heads", streams, tensor_units=units)
+        return reshard.extra_state(self, dims, self._num_heads, "heads", streams, tensor_units=units)
 
     def set_extra_state(self, state) -> None:
-        rng = tp_checkpoint.check_extra_state(self, state, self.name)
+        rng = reshard.check_extra_state(self, state, self.name)
         by_name = {s.name: s for s in self.rng_streams()}
         for name, st in rng.items():
             if name in by_name:

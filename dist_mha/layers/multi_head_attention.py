@@ -1,14 +1,14 @@
 """`MultiHeadAttention`: Keras 3's layer as a `torch.nn.Module`.
 
 The Keras-facing constructor, properties and config; the forward pass is the
-shared engine in `dist_mha.core.attention` (multi-head attention is its case
+shared engine in `dist_mha.engine.attention` (multi-head attention is its case
 of as many key/value heads as query heads).
 """
 
 from __future__ import annotations
 
-from dist_mha.core import config as cfg
-from dist_mha.core.attention import AttentionCore, shared_args
+from dist_mha.engine import config as cfg
+from dist_mha.engine.attention import AttentionCore, shared_args
 from dist_mha.layers.keras_api import KerasLayerAPI
 
 

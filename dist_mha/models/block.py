@@ -18,16 +18,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.core.rng_streams import RNGStream, dropout, stream_seed
 from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
-from dist_mha.parallel import sharding
-from dist_mha.parallel.context import cp_rank_of, cp_size_of
-from dist_mha.parallel.linear import (
+from dist_mha.parallel.cp.layout import cp_rank_of, cp_size_of
+from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp.linear import (
     ColumnParallelLinear,
     ParallelLayerNorm,
     RowParallelLinear,
 )
+from dist_mha.rng.streams import RNGStream, dropout, stream_seed
 
 
 class TransformerBlock(nn.Module):

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.core.segments import document_positions
+from dist_mha.attention.segments import document_positions
 from dist_mha.keras_objects import initializers
 from dist_mha.models.block import TransformerBlock
-from dist_mha.parallel import sharding
 from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
-from dist_mha.parallel.context import cp_size_of, positions
-from dist_mha.parallel.linear import ParallelLayerNorm
+from dist_mha.parallel.cp.layout import cp_size_of, positions
+from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp.linear import ParallelLayerNorm
 
 
 class DecoderLM(nn.Module):

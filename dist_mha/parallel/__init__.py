@@ -9,7 +9,7 @@ from dist_mha.parallel.collectives import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
-from dist_mha.parallel.context import gather_sequence, shard_sequence
+from dist_mha.parallel.cp.layout import gather_sequence, shard_sequence
 from dist_mha.parallel.state import MPU, ParallelState, build_parallel_state
 
 __all__ = [

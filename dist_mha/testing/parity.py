@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
-from dist_mha.parallel import context, sharding
+from dist_mha.parallel.cp import layout as context
+from dist_mha.parallel.tp import sharding
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 

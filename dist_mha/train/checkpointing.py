@@ -13,7 +13,7 @@ DeepSpeed checkpoints (`save_deepspeed`) follow the same protocol in
 A file is one flat dict: `model.<key>` for the model's state dict, and for
 each per-parameter optimizer tensor (Adam's moments) `optim.<field>.<param>`,
 with the sharded modules' `_extra_state` copied under every prefix, so
-`dist_mha.parallel.checkpoint.reshard_state_dicts` reshards optimizer state
+`dist_mha.parallel.tp.reshard.reshard_state_dicts` reshards optimizer state
 exactly like weights. Loading at another TP degree therefore restores model
 and optimizer. The data position is the step (batches are a function of it).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_mha.parallel.checkpoint import CheckpointError, load_tp_shard, save_tp_shard
+from dist_mha.checkpoint.shards import CheckpointError, load_tp_shard, save_tp_shard
 from dist_mha.train.run_dir import ROOTS, partial_dir, publish, shard_digests, step_name, write_manifest
 
 _EXTRA = "_extra_state"

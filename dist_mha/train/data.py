@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dist_mha.core.counter_rng import mix64
+from dist_mha.rng.counter import mix64
 
 
 class AssociativeRecall:

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from dist_mha.core.rng_streams import collect_streams
+from dist_mha.checkpoint.atomic_io import atomic_write
 from dist_mha.models.decoder import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
-from dist_mha.parallel.atomic_io import atomic_write
-from dist_mha.parallel.grads import clip_grad_norm_
+from dist_mha.parallel.tp.grads import clip_grad_norm_
+from dist_mha.rng.streams import collect_streams
 from dist_mha.train import checkpointing
 from dist_mha.train.batches import loss_share, step_batch, sum_grads
 from dist_mha.train.data import make_data

@@ -26,8 +26,8 @@ import re
 import shutil
 from pathlib import Path
 
-from dist_mha.parallel.atomic_io import atomic_write, fsync_dir, sha256_file
-from dist_mha.parallel.checkpoint import DIGEST_SUFFIX, CheckpointError, find_tp_shards, read_digest
+from dist_mha.checkpoint.atomic_io import atomic_write, fsync_dir, sha256_file
+from dist_mha.checkpoint.shards import DIGEST_SUFFIX, CheckpointError, find_tp_shards, read_digest
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_mha.step/1"

@@ -15,12 +15,12 @@ them, and with `dropout_mode="tp_invariant"` the result equals one device's.
 
 from __future__ import annotations
 
-from dist_mha.core.kernels import AttentionRequest, attention, blockwise
-from dist_mha.core.kernels.request import zero_rows
-from dist_mha.core.masks import MaskSpec
-from dist_mha.core.rng_streams import invariant_keep_mask
-from dist_mha.parallel import ring, ulysses
-from dist_mha.parallel.context import positions
+from dist_mha.attention.kernels import AttentionRequest, attention, blockwise
+from dist_mha.attention.kernels.request import zero_rows
+from dist_mha.attention.masks import MaskSpec
+from dist_mha.parallel.cp import ring, ulysses
+from dist_mha.parallel.cp.layout import positions
+from dist_mha.rng.streams import invariant_keep_mask
 
 
 def attend(layer, req: AttentionRequest, h0: int, h1: int, T: int, S: int):

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dist_mha.core.kernels.request import (
+from dist_mha.attention.kernels.request import (
     AttentionRequest,
     mask_with_live_rows,
     zero_rows,
 )
-from dist_mha.core.rng_streams import forked
+from dist_mha.rng.streams import forked
 
 NAME = "sdpa"
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

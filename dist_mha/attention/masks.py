@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_mha.core.layout import AttentionLayout
-from dist_mha.core.segments import segment_mask
+from dist_mha.attention.layout import AttentionLayout
+from dist_mha.attention.segments import segment_mask
 
 
 @dataclass

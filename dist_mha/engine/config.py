@@ -98,7 +98,7 @@ def seed(value):
 
 
 def attention_backend(value):
-    from dist_mha.core.kernels import BACKENDS
+    from dist_mha.attention.kernels import BACKENDS
 
     if value is not None and value not in BACKENDS:
         raise _invalid("attention_backend", f"None or one of {sorted(BACKENDS)}", value)

@@ -1,6 +1,6 @@
 """Files written all at once or not at all, with their sha256, and disk errors that say what to do.
 
-Used for checkpoint shards (`dist_mha.parallel.checkpoint`) and for the
+Used for checkpoint shards (`dist_mha.checkpoint.shards`) and for the
 training app's manifests, pointers and lock (`dist_mha.train`).
 """
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dist_mha.parallel.collectives import all_to_all_tp, gather_from_sp
-from dist_mha.parallel.context import chunk_ranges, cp_rank_of, cp_size_of
+from dist_mha.parallel.cp.layout import chunk_ranges, cp_rank_of, cp_size_of
 
 
 def _order(length, group, device):

@@ -25,16 +25,18 @@ from contextlib import nullcontext as _nullcontext
 import torch
 from torch import nn
 
-from dist_mha.core import call, context_attention, projections
-from dist_mha.core import config as cfg
-from dist_mha.core.dropout_streams import DropoutStreams
-from dist_mha.core.fused_projection import project
-from dist_mha.core.kernels import AttentionRequest, attention
-from dist_mha.core.kv_cache import KVCache
-from dist_mha.core.layout import AttentionLayout, normalize_attention_axes
+from dist_mha.attention.kernels import AttentionRequest, attention
+from dist_mha.attention.kv_cache import KVCache
+from dist_mha.attention.layout import AttentionLayout, normalize_attention_axes
+from dist_mha.engine import call, projections
+from dist_mha.engine import config as cfg
+from dist_mha.engine import context as cp_attention
+from dist_mha.engine.dropout import DropoutStreams
+from dist_mha.engine.fused_projection import project
 from dist_mha.keras_objects import constraints, initializers, regularizers
-from dist_mha.parallel import context as cp_layout
-from dist_mha.parallel import region, sharding
+from dist_mha.parallel import region
+from dist_mha.parallel.cp import layout as cp_layout
+from dist_mha.parallel.tp import sharding
 
 DROPOUT_MODES = ("per_rank", "tp_invariant")
 
@@ -271,7 +273,7 @@ class AttentionCore(DropoutStreams, nn.Module):
             per_rank = dropout_p > 0 and self.cp_mode == "ulysses" and self.dropout_mode == "per_rank"
             stream = self._dropout_stream if per_rank else None
             with stream.fork(query.device) if stream is not None else _nullcontext():
-                out_BTNH, backend, why = context_attention.attend(self, req, h0, h1, t_dims[0], s_dims[0])
+                out_BTNH, backend, why = cp_attention.attend(self, req, h0, h1, t_dims[0], s_dims[0])
             probs = None
         else:
             req.rng = self._dropout_for(req, h0, h1) if dropout_p > 0 else None  # kernels draw dropout from it

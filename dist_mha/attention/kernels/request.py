@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mha.core.masks import MaskSpec
+from dist_mha.attention.masks import MaskSpec
 
 
 @dataclass

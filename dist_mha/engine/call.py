@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mha.core import config as cfg
-from dist_mha.core import inputs, segments
-from dist_mha.core.masks import build_mask_spec
-from dist_mha.parallel import context as cp_layout
+from dist_mha.attention import segments
+from dist_mha.attention.masks import build_mask_spec
+from dist_mha.engine import config as cfg
+from dist_mha.engine import inputs
+from dist_mha.parallel.cp import layout as cp_layout
 
 
 @dataclass

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_mha.keras_objects import initializers
-from dist_mha.parallel import checkpoint as tp_checkpoint
-from dist_mha.parallel import region, sharding
+from dist_mha.parallel import region
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
-from dist_mha.parallel.grads import mark_sharded
+from dist_mha.parallel.tp import reshard, sharding
+from dist_mha.parallel.tp.grads import mark_sharded
 
 
 class _ParallelLinear(nn.Module):
@@ -55,10 +55,10 @@ class _ParallelLinear(nn.Module):
 
     def get_extra_state(self):
         bias_dim = 0 if self.shard_dim == 0 else None
-        return tp_checkpoint.extra_state(self, {"weight": self.shard_dim, "bias": bias_dim}, self.units, "features")
+        return reshard.extra_state(self, {"weight": self.shard_dim, "bias": bias_dim}, self.units, "features")
 
     def set_extra_state(self, state):
-        tp_checkpoint.check_extra_state(self, state, type(self).__name__)
+        reshard.check_extra_state(self, state, type(self).__name__)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, tp={self.tp_size}, local_weight={tuple(self.weight.shape)}"

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.core.kernels import flash_variants
-from dist_mha.core.kernels.request import AttentionRequest, zero_rows
-from dist_mha.core.rng_streams import forked
+from dist_mha.attention.kernels import flash_variants
+from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
+from dist_mha.rng.streams import forked
 
 NAME = "flash"
 

@@ -9,8 +9,8 @@ position). Mixed into `AttentionCore`.
 
 from __future__ import annotations
 
-from dist_mha.core.kernels import AttentionRequest
-from dist_mha.core.rng_streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
+from dist_mha.attention.kernels import AttentionRequest
+from dist_mha.rng.streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
 
 
 class DropoutStreams:
@@ -25,7 +25,7 @@ class DropoutStreams:
         self._invariant_calls = CallCounter(stream_seed(seed, "invariant_dropout"))
 
     def rng_streams(self) -> list:
-        """The layer's RNG streams (for `dist_mha.core.rng_streams.checkpoint`)."""
+        """The layer's RNG streams (for `dist_mha.rng.streams.checkpoint`)."""
         return [s for s in (self._dropout_stream, self.replicated_stream, self._invariant_calls) if s is not None]
 
     def _dropout_for(self, req: AttentionRequest, h0: int, h1: int):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.core.kernels.request import AttentionRequest
-from dist_mha.core.rng_streams import dropout
+from dist_mha.attention.kernels.request import AttentionRequest
+from dist_mha.rng.streams import dropout
 
 NAME = "math"
 

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dist_mha.core.counter_rng import _bits, _srl, keep_mask, mix64
-from dist_mha.core.generators import canonical_device as _canonical
-from dist_mha.core.generators import use_generator
+from dist_mha.rng.counter import _bits, _srl, keep_mask, mix64
+from dist_mha.rng.generators import canonical_device as _canonical
+from dist_mha.rng.generators import use_generator
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
@@ -72,7 +72,7 @@ def _check_not_recomputing(owner) -> None:
             f"The dropout stream {owner.name!r} was used during a backward pass: an activation checkpoint "
             "(torch.utils.checkpoint, DeepSpeed's or FSDP's checkpoint wrapper) is recomputing a forward with "
             "dropout, and would draw different masks than the forward did, silently corrupting the gradients. "
-            "Checkpoint with dist_mha.core.rng_streams.checkpoint(fn, *args, streams=collect_streams(module)), "
+            "Checkpoint with dist_mha.rng.streams.checkpoint(fn, *args, streams=collect_streams(module)), "
             "which replays the streams, or set dropout to 0 inside the checkpointed region."
         )
 

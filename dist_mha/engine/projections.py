@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.parallel import sharding
-from dist_mha.parallel.grads import mark_sharded
+from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp.grads import mark_sharded
 
 # Stable per-weight salts: each kernel (and bias) gets its own random draw,
 # independent of build order and of the other weights' shapes.

@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from dist_mha.core.kernels import flash, math, sdpa, varlen
-from dist_mha.core.kernels.request import AttentionRequest
+from dist_mha.attention.kernels import flash, math, sdpa, varlen
+from dist_mha.attention.kernels.request import AttentionRequest
 
 logger = logging.getLogger("dist_mha")
 

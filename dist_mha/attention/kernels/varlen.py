@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dist_mha.core.kernels.request import AttentionRequest, zero_rows
-from dist_mha.core.masks import positional_mask
-from dist_mha.core.rng_streams import forked
+from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
+from dist_mha.attention.masks import positional_mask
+from dist_mha.rng.streams import forked
 
 NAME = "varlen"
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_mha.parallel import sharding
+from dist_mha.parallel.tp import sharding
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_cache_call(layer, cache, query, value, causal) -> None:
     """A call with `cache=`: rank-3 inputs, no sequence parallelism, causal calls add one key per query."""
-    from dist_mha.core.kv_cache import KVCache
+    from dist_mha.attention.kv_cache import KVCache
 
     if not isinstance(cache, KVCache):
         raise ValueError(

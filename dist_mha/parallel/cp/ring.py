@@ -6,7 +6,7 @@ heads, H/Hv head sizes; `*_BNTH` tensors put heads before positions.
 
 Forward: p steps. At step i rank r holds the keys/values of rank r - i and
 attends its two query chunks to that rank's two key chunks, block by block
-(`dist_mha.core.kernels.blockwise`), merging the partial results with
+(`dist_mha.attention.kernels.blockwise`), merging the partial results with
 log-sum-exp. Blocks that causal or window masking empties are skipped; under
 the load-balanced layout every rank computes the same number of blocks. The
 next K/V block is sent and received (`batch_isend_irecv`) while the current
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_mha.core.kernels import blockwise
-from dist_mha.core.masks import positional_mask
-from dist_mha.core.segments import segment_mask
-from dist_mha.parallel.context import chunk_ranges
+from dist_mha.attention.kernels import blockwise
+from dist_mha.attention.masks import positional_mask
+from dist_mha.attention.segments import segment_mask
+from dist_mha.parallel.cp.layout import chunk_ranges
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""The attention engine under every layer: inputs, projections, masks, kernels, RNG streams."""
