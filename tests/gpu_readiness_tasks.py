@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha import MultiHeadAttention
+from dist_mha.parallel import agreement, groups
 from dist_mha.parallel.tp import sharding
 
 E = 12
@@ -22,7 +23,7 @@ def group_reported_as_nccl(target):
     group fails here as it would on GPUs.
     """
     real_backend, real_broadcast = dist.get_backend, dist.broadcast
-    cached = dict(sharding._CPU_GROUPS)
+    cached = dict(groups._CPU_GROUPS)
 
     def get_backend(g=None):
         return "nccl" if g is target else real_backend(g)
@@ -37,8 +38,8 @@ def group_reported_as_nccl(target):
         yield
     finally:
         dist.get_backend, dist.broadcast = real_backend, real_broadcast
-        sharding._CPU_GROUPS.clear()
-        sharding._CPU_GROUPS.update(cached)
+        groups._CPU_GROUPS.clear()
+        groups._CPU_GROUPS.update(cached)
 
 
 def eager_build_on_nccl_group(ctx, tp):
@@ -46,7 +47,7 @@ def eager_build_on_nccl_group(ctx, tp):
     group = ctx.group(tp)
     with group_reported_as_nccl(group):
         torch.manual_seed(100 + ctx.rank)  # rank-dependent on purpose: the broadcast must make them agree
-        base = sharding.agreed_random_base(group)
+        base = agreement.agreed_random_base(group)
         MultiHeadAttention(4, 3, query_shape=E, tp_group=group, check_ranks=False)
     return base
 
@@ -99,7 +100,7 @@ def region_without_copies(ctx, tp):
 def rank_check_timeline(ctx, tp, sequence_parallel):
     """The order of one TP forward's events: the rank check's start and wait, the local attention, and the
     first collective (the real collectives run; they are only recorded)."""
-    import dist_mha.engine.attention as engine
+    import dist_mha.engine.stages as engine
 
     group = ctx.group(tp)
     torch.manual_seed(0)
@@ -149,6 +150,6 @@ def companion_timeout(ctx, tp):
     """The gloo companion of a group reported as NCCL: its timeout (s) and the group's own (the pool's 30 s)."""
     group = ctx.group(tp)
     with group_reported_as_nccl(group):
-        companion = sharding.cpu_group(group)
+        companion = groups.cpu_group(group)
         assert companion is not group
-        return sharding._timeout_of(companion).total_seconds(), sharding._timeout_of(group).total_seconds()
+        return groups.timeout_of(companion).total_seconds(), groups.timeout_of(group).total_seconds()

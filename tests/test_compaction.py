@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha import GroupQueryAttention, MultiHeadAttention
-from dist_mha.engine import call
+from dist_mha.engine import compaction
 
 B, T, E = 3, 16, 16
 VALID = torch.zeros(B, T, dtype=torch.bool)
@@ -47,7 +47,7 @@ def test_compacted_masks_equal_the_dense_equivalent(kind, causal):
 
 def test_compacted_segments_equal_the_uncompacted_call(monkeypatch):
     compact = _run(LAYERS["mha"], segment_ids=SEG, use_causal_mask=True)
-    monkeypatch.setattr(call, "MIN_PADDING", 2.0)  # never compact
+    monkeypatch.setattr(compaction, "MIN_PADDING", 2.0)  # never compact
     full = _run(LAYERS["mha"], segment_ids=SEG, use_causal_mask=True)
     for a, b in zip(compact, full):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -146,9 +146,9 @@ def test_forcing_a_backend_under_ring_chooses_or_refuses_with_reasons():
     from dist_mha.attention.kernels import blockwise
 
     q = torch.zeros(1, 2, 4, 8)
-    assert blockwise.choose(q, q, False, "sdpa")[0] == "sdpa"  # CPU: SDPA's flash kernel blocks
-    assert blockwise.choose(q, q, True, "sdpa")[0] == "math"   # dropout: math blocks (a forced sdpa then raises)
-    assert blockwise.choose(q, q, False, "math")[0] == "math"
+    assert blockwise.choose(q, q, False, "sdpa").masked == "cpu_flash"  # CPU: SDPA's flash kernel blocks
+    assert blockwise.choose(q, q, True, "sdpa").masked == "math"   # dropout: math blocks (a forced sdpa then raises)
+    assert blockwise.choose(q, q, False, "math").unmasked == "math"
 
 
 def test_forced_varlen_under_ring_raises_on_every_rank(rank_pool):

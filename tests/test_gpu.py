@@ -173,7 +173,7 @@ def test_dropout_from_streams_is_captured_by_a_cuda_graph_on_cuda():
 
 def _ring_blocks_on_cuda(kv_heads):
     """Two key blocks (a full one before the queries, a diagonal one) merged with LSE, then the backward
-    with the merged output and LSE: `flash_cuda` blocks against exact float32 attention."""
+    with the merged output and LSE: `cuda_flash` blocks against exact float32 attention."""
     from dist_mha.attention.kernels import blockwise
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -191,8 +191,8 @@ def _ring_blocks_on_cuda(kv_heads):
         qr, kr.repeat_interleave(g_, 1), vr.repeat_interleave(g_, 1), attn_mask=keep, scale=scale)
     ref.backward(dO)
     qb, kb, vb, dOb = (x.bfloat16() for x in (q, k, v, dO))
-    impl, why = blockwise.choose(qb, vb, False, None)
-    assert impl == "flash_cuda", why
+    impl = blockwise.choose(qb, vb, False, None)
+    assert impl.unmasked == "cuda_flash", impl.why
     state = {}
     blocks = [(kb[:, :, :t], vb[:, :, :t], False), (kb[:, :, t:], vb[:, :, t:], True)]
     out = lse = None

@@ -1,29 +1,26 @@
-"""Keras mask semantics, reduced to what an attention kernel needs.
+"""The masks of one attention call, kept apart, and the one place that combines them.
 
 Shape legend: B batch, T query positions, S key positions, N heads (see layout.py).
 
-Keras merges `query_mask` (B, T), `value_mask`/`key_mask` (B, S), a causal
-mask (1, T, S), a sliding-window band and `attention_mask` with a logical AND
-into one (B, T, S) mask, then inserts missing dims until it broadcasts against
-the scores. Materialising that is what makes masked attention slow and
-O(T*S) in memory, so for rank-3 inputs the pieces are kept apart in a
-`MaskSpec` and each kernel combines only what it cannot take natively (SDPA
-takes `is_causal`; flash-attn takes causal and padding via varlen; query
-padding is applied to the output rows). Other ranks follow Keras's dense
-construction literally.
+Materialising Keras's merged (B, T, S) mask is what makes masked attention
+slow and O(T*S) in memory, so the pieces stay apart in a `MaskSpec` (parsed
+from Keras's arguments by `keras_masks.build_mask_spec`) and each kernel asks
+`block` for exactly what it cannot take natively: SDPA and torch's flash
+kernels take top-left causal as a flag, flash-attn takes causal and key
+padding, and query padding is applied to output rows afterwards.
 
 Fully masked query rows (every key masked) get a zero attention context on
-every backend; Keras's result there depends on its code path.
+every backend; Keras's result there depends on its code path. `live_rows`
+finds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from dist_mha.attention.layout import AttentionLayout
+from dist_mha.attention.blocks import CAUSAL, EMPTY, PARTIAL, Relation, relation
 from dist_mha.attention.segments import segment_mask
 
 
@@ -38,8 +35,8 @@ class MaskSpec:
         causal: causal constraint: query `i` sees key `j` iff `j <= i + q_offset`
             (Keras's top-left alignment when `q_offset == 0`).
         window: sliding-window size (keys within `window - 1` of `i + q_offset`), or None.
-        q_offset: key position of query row 0 (a KV cache's length; a
-            context-parallel block's offset). `S - T` is bottom-right alignment.
+        q_offset: key position of query row 0 (a KV cache's length). `S - T`
+            is bottom-right alignment.
         q_seg_BT, k_seg_BS: document ids of packed sequences (`segments.py`):
             a query sees only keys of its document; negative ids are padding.
     """
@@ -64,188 +61,71 @@ class MaskSpec:
             and self.q_seg_BT is None
         )
 
-    def combined(self, T: int, S: int, device, include_query: bool = True):
-        """AND of every constraint as one bool tensor broadcastable to `(B, N, T, S)`.
+    def relation(self, rows: tuple[int, int], cols: tuple[int, int]) -> Relation:
+        """The causal/window `Relation` of query rows `rows` to key columns `cols` (indices of this call)."""
+        return relation(rows[0] + self.q_offset, rows[1] + self.q_offset, cols[0], cols[1], self.causal, self.window)
 
-        Returns None when there is no constraint. `include_query=False` leaves
-        the query rows out, for kernels that zero those rows afterwards.
+    def block(self, rows: tuple[int, int], cols: tuple[int, int], device, include_query: bool = False):
+        """`(relation, mask)` for query rows `[r0, r1)` against keys `[c0, c1)` of this call.
+
+        `mask` is bool, broadcastable to `(B, N, r1 - r0, c1 - c0)`, or None
+        when nothing but the relation constrains the block. It holds the
+        positional part only when the relation is "partial" or "empty": a
+        "causal" block leaves it to the kernel's flag (or to
+        `relation.mask()`, AND-ed by a caller without one). Broadcast dims
+        of `dense_BNTS` (size 1) are kept, not sliced. `include_query` adds
+        the query padding, for kernels that do not zero those rows after.
         """
+        (r0, r1), (c0, c1) = rows, cols
+        rel = self.relation(rows, cols)
         parts = []
+        if rel.kind in (PARTIAL, EMPTY):
+            parts.append(rel.mask(device)[None, None])
         if self.dense_BNTS is not None:
-            parts.append(self.dense_BNTS)
+            d = self.dense_BNTS
+            rows_, cols_ = slice(r0, r1) if d.shape[-2] > 1 else slice(None), slice(c0, c1) if d.shape[-1] > 1 else slice(None)
+            parts.append(d[..., rows_, cols_])
         if self.k_keep_BS is not None:
-            parts.append(self.k_keep_BS[:, None, None, :])
+            parts.append(self.k_keep_BS[:, None, None, c0:c1])
         if include_query and self.q_keep_BT is not None:
-            parts.append(self.q_keep_BT[:, None, :, None])
-        if self.causal or self.window is not None:
-            parts.append(positional_mask(T, S, self.causal, self.window, device, self.q_offset)[None, None])
+            parts.append(self.q_keep_BT[:, None, r0:r1, None])
         if self.q_seg_BT is not None:
-            parts.append(segment_mask(self.q_seg_BT, self.k_seg_BS))
-        if not parts:
-            return None
-        mask = parts[0]
-        for part in parts[1:]:
-            mask = mask & part
+            parts.append(segment_mask(self.q_seg_BT[:, r0:r1], self.k_seg_BS[:, c0:c1]))
+        return rel, _all(parts)
+
+    def combined(self, T: int, S: int, device, include_query: bool = True):
+        """AND of every constraint over the whole call, broadcastable to `(B, N, T, S)`; None when unconstrained."""
+        rel, mask = self.block((0, T), (0, S), device, include_query)
+        if rel.kind == CAUSAL:
+            mask = _all([rel.mask(device)[None, None], mask])
         return mask
 
 
-_POSITIONAL: dict = {}  # (T, S, causal, window, q_offset, device) -> mask; small and reused every call
-_POSITIONAL_MAX = 64
-
-
-def positional_mask(T: int, S: int, causal: bool, window: int | None, device, q_offset: int = 0) -> torch.Tensor:
-    """`(T, S)` bool: causal (`i + q_offset >= j`) and/or band `|i + q_offset - j| < window`.
-
-    `q_offset=0` is Keras's top-left alignment. Masks are cached per shape,
-    offset and device (callers only read them), so a training loop builds
-    each one once.
-    """
-    key = (T, S, bool(causal), window, q_offset, str(device))
-    cached = None if torch.compiler.is_compiling() else _POSITIONAL.get(key)
-    if cached is not None:
-        return cached
-    rows = torch.arange(q_offset, q_offset + T, device=device)[:, None]
-    cols = torch.arange(S, device=device)[None, :]
-    keep = torch.ones(T, S, dtype=torch.bool, device=device)
-    if causal:
-        keep = keep & (rows >= cols)
-    if window is not None:
-        keep = keep & ((rows - cols).abs() < window)
-    if not torch.compiler.is_compiling():
-        if len(_POSITIONAL) >= _POSITIONAL_MAX:
-            _POSITIONAL.pop(next(iter(_POSITIONAL)))
-        _POSITIONAL[key] = keep
-    return keep
-
-
-def _as_bool_mask(mask, name: str, expected_shape, device) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        # Arrays and nested lists convert; strings, scalars and other objects are
-        # mistakes (a bare True or 1 would silently broadcast to "attend everywhere").
-        received = mask
-        convertible = isinstance(mask, (list, tuple)) or hasattr(mask, "__array__")
-        try:
-            mask = torch.as_tensor(np.asarray(mask)) if convertible else None
-        except Exception:
-            mask = None
-        if mask is None or mask.dim() == 0:
-            expected = (f"a bool tensor or array of shape {tuple(expected_shape)} (the input's shape without its "
-                        "feature dim)" if expected_shape is not None else
-                        "a bool tensor or array broadcastable to the attention scores, e.g. (B, T, S), True to attend")
-            text = repr(received) if isinstance(received, (str, int, float, bool)) else f"an object of type {type(received).__name__}"
-            raise ValueError(
-                f"Received an invalid value for argument `{name}`, expected {expected}. Received: {name}={text}"
-                + (". For causal attention pass use_causal_mask=True." if name == "attention_mask" and isinstance(received, str) else "")
-            )
-    if expected_shape is not None and tuple(mask.shape) != tuple(expected_shape):
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected shape "
-            f"{tuple(expected_shape)} (the input's shape without its feature dim). "
-            f"Received: {name}.shape={tuple(mask.shape)}"
-        )
-    # Keras casts masks to bool: any nonzero value keeps the position.
-    return mask.to(device=device, dtype=torch.bool) if mask.dtype != torch.bool else mask.to(device)
-
-
-def _expand_attention_mask(mask: torch.Tensor, layout: AttentionLayout, scores_shape) -> torch.Tensor:
-    """Inserts dims where Keras inserts them, then checks broadcastability."""
-    rank = len(scores_shape)
-    received = tuple(mask.shape)
-    if mask.dim() > rank:
-        raise ValueError(
-            "Received an invalid value for argument `attention_mask`, expected at most "
-            f"{rank} dims, broadcastable to the attention scores of shape "
-            f"{tuple(scores_shape)}. Received: attention_mask.shape={tuple(mask.shape)}"
-        )
-    # Keras expands starting from the heads dim: (<batch dims>, N, <T dims>, <S dims>).
-    axis = -2 * len(layout.attention_axes) - 1
-    while mask.dim() < rank:
-        # Masks too small for Keras's insertion point (Keras raises there) get
-        # plain numpy-style leading dims instead.
-        mask = mask.unsqueeze(axis if axis >= -(mask.dim() + 1) else 0)
-    for got, want in zip(mask.shape, scores_shape):
-        if got != 1 and got != want:
-            raise ValueError(
-                "Received an invalid value for argument `attention_mask`: its shape does "
-                f"not broadcast to the attention scores {tuple(scores_shape)} after Keras's "
-                f"dim insertion (got {tuple(mask.shape)}). Pass a mask of shape (B, T, S) "
-                "for rank-3 inputs, or one broadcastable to the scores. Received: "
-                f"attention_mask.shape={received}"
-            )
+def _all(parts):
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    mask = parts[0]
+    for part in parts[1:]:
+        mask = mask & part
     return mask
 
 
-def build_mask_spec(
-    layout: AttentionLayout,
-    query_shape,
-    value_shape,
-    scores_shape,
-    *,
-    query_mask=None,
-    value_mask=None,
-    key_mask=None,
-    attention_mask=None,
-    use_causal_mask: bool = False,
-    sliding_window: int | None = None,
-    device=None,
-) -> MaskSpec:
-    """Turns Keras call masks into a `MaskSpec` for the kernels.
+def live_rows(mask, T: int, is_causal: bool = False):
+    """Rows that see at least one key: bool broadcastable to `(B, N, T)`, from a mask `(B|1, N|1, T|1, S)`.
 
-    Args:
-        layout: the call's `AttentionLayout`.
-        query_shape: shape of the query input `(B, ..., Dq)`.
-        value_shape: shape of the value input `(B, ..., Dv)`.
-        scores_shape: Keras scores shape `(<batch dims>, N, <T dims>, <S dims>)`.
-        query_mask, value_mask, key_mask, attention_mask, use_causal_mask: as
-            in `MultiHeadAttention.__call__`.
-        sliding_window: the layer's `sliding_window`.
-        device: device of the inputs.
-
-    Returns:
-        A `MaskSpec`.
-
-    Raises:
-        ValueError: if a mask has the wrong shape or cannot broadcast.
+    None for no mask (every row sees a key). `is_causal`: the mask is
+    applied together with a top-left causal flag (row i sees keys `0..i`
+    only), as a kernel given both applies it.
     """
-    q_keep = None if query_mask is None else _as_bool_mask(query_mask, "query_mask", query_shape[:-1], device)
-    v_keep = None if value_mask is None else _as_bool_mask(value_mask, "value_mask", value_shape[:-1], device)
-    k_keep = None if key_mask is None else _as_bool_mask(key_mask, "key_mask", value_shape[:-1], device)
-    dense = None if attention_mask is None else _as_bool_mask(attention_mask, "attention_mask", None, device)
-    if dense is not None:
-        dense = _expand_attention_mask(dense, layout, scores_shape)
-    kv_keep = v_keep if k_keep is None else (k_keep if v_keep is None else v_keep & k_keep)
-
-    if layout.is_identity:
-        return MaskSpec(q_keep, kv_keep, dense, bool(use_causal_mask), sliding_window)
-
-    only_causal = use_causal_mask and q_keep is None and kv_keep is None and dense is None and sliding_window is None
-    if only_causal and layout.attention_axes == (1,):
-        # Keras's (1, T, S) causal mask lines up with the flattened T and S only here.
-        return MaskSpec(causal=True)
-
-    # Keras's dense construction, literally: (B, d.., 1) & (B, 1, d..) & (1, T1, S1) ...
-    parts = []
-    if q_keep is not None:
-        parts.append(q_keep.unsqueeze(-1))
-    if kv_keep is not None:
-        parts.append(kv_keep.unsqueeze(-2))
-    if use_causal_mask or sliding_window is not None:
-        parts.append(positional_mask(query_shape[1], value_shape[1], use_causal_mask, sliding_window, device)[None])
-    auto = None
-    if parts:
-        try:
-            auto = parts[0]
-            for part in parts[1:]:
-                auto = auto & part
-            auto = _expand_attention_mask(auto, layout, scores_shape)
-        except (ValueError, RuntimeError) as err:
-            raise ValueError(
-                "The query/value/key masks and causal mask of this call do not broadcast to "
-                f"the attention scores {tuple(scores_shape)} (Keras builds them as "
-                "(B, ..., T, 1) & (B, ..., 1, S) & (1, T, S) over the inputs' dim 1). "
-                f"Check the mask shapes against attention_axes={layout.attention_axes}."
-            ) from err
-        dense = auto if dense is None else dense & auto
-    if dense is None:
-        return MaskSpec()
-    return MaskSpec(dense_BNTS=layout.mask_to_BNTS(dense, scores_shape))
+    if mask is None:
+        return None
+    if is_causal:
+        S = mask.shape[-1]
+        if mask.shape[-2] == 1:
+            # Key padding under a causal flag: row i sees a key iff one of keys 0..min(i, S-1) is kept.
+            seen = mask.cummax(dim=-1).values.squeeze(-2)  # (B|1, N|1, S)
+            idx = torch.arange(T, device=mask.device).clamp_(max=S - 1)
+            return seen.index_select(-1, idx)
+        mask = mask & torch.ones(T, S, dtype=torch.bool, device=mask.device).tril()
+    return mask.any(dim=-1)

@@ -1,26 +1,20 @@
-"""One call of the engine, before and around the kernel: checks, masks, and rows worth projecting.
+"""One call of the engine: its state, and the checks that open it.
 
 Shape legend: B batch, T/S query/key positions (global under context
-parallelism), N query heads, E features, R the rows that matter.
+parallelism), E features.
 
 `validate` checks every argument on this rank and starts the cross-rank
 agreement check (so a rank's local error reaches its peers before any
-collective). `masks` turns Keras's masks, causal, window and segment ids into
-one `MaskSpec` in global positions. `valid_rows` finds the tokens a
-self-attention call can skip entirely: with query and key padding saying the
-same thing, a padded token is never attended and its own context is zero, so
-its projections are wasted work (its output is the output bias, which the
-caller writes without computing anything).
+collective), then returns the `Call` the stages of the forward
+(`stages.py`) fill in, one field group per stage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from dist_mha.attention import segments
-from dist_mha.attention.masks import build_mask_spec
 from dist_mha.engine import config as cfg
 from dist_mha.engine import inputs
 from dist_mha.parallel.cp import layout as cp_layout
@@ -28,16 +22,46 @@ from dist_mha.parallel.cp import layout as cp_layout
 
 @dataclass
 class Call:
+    """Everything one forward call carries from stage to stage."""
+
+    # -- validate: the checked arguments
     query: torch.Tensor
     value: torch.Tensor
     key: torch.Tensor
+    mask_args: dict  # query_mask, value_mask, key_mask, attention_mask, segment_ids as given
     return_scores: bool
+    local_scores: bool
     causal: bool
     dropout_p: float
+    cache: object
     pending: object  # the rank-agreement check in flight, or None
+    lead: torch.Size = field(default=None)  # the query's leading dims (before TP/SP entry)
+    # -- masks
+    layout: object = None
+    masks: object = None
+    T: int = 0  # global query positions (attention dims flattened)
+    S: int = 0  # global key positions, cached ones included
+    # -- project
+    rows: torch.Tensor | None = None  # flat indices of the tokens projected (None: all)
+    q: torch.Tensor | None = None  # (B, d.., n, H)
+    k: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    # -- attend
+    heads: tuple[int, int] = (0, 0)  # this TP rank's query heads [h0, h1)
+    out_BTNH: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    # -- output
+    output: torch.Tensor | None = None
+
+    def wait_agreement(self) -> None:
+        """Finishes the rank-agreement check (before this call's first collective)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
 
 
-def validate(layer, query, value, key, masks_and_ids, return_scores, training, causal, cache) -> Call:
+def validate(layer, query, value, key, mask_args: dict, return_scores, training, causal, cache, local_scores) -> Call:
     """Checks this call's arguments; starts the agreement check under TP/CP (its error raised on every rank)."""
     agree = bool(layer._check_groups) and layer.check_ranks
     try:
@@ -59,67 +83,8 @@ def validate(layer, query, value, key, masks_and_ids, return_scores, training, c
     dropout_p = layer._dropout if training else 0.0
     pending = None
     if agree:
-        pending = inputs.check_tp_call(layer, query, value, key, masks_and_ids, return_scores, causal, dropout_p > 0,
+        masks = [mask_args[k] for k in ("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids")]
+        pending = inputs.check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout_p > 0,
                                        -1 if cache is None else cache.length, local_error,
                                        wait=torch.compiler.is_compiling())  # compiled: one break, here
-    return Call(query, value, key, return_scores, causal, dropout_p, pending)
-
-
-def masks(layer, layout, query, value, key, query_mask, value_mask, key_mask, attention_mask, causal, segment_ids,
-          cache):
-    """`(MaskSpec, T dims, S dims)` for the entered inputs, in global positions (CP and cached positions included)."""
-    batch = [query.shape[d] for d in layout.batch_dims]
-    grow = layer.cp_size if layer.cp_size > 1 else 1
-    t_dims = [query.shape[d] * grow for d in layout.attention_axes]
-    s_dims = [key.shape[d] * grow + (0 if cache is None else cache.length) for d in layout.attention_axes]
-    q_shape, v_shape = list(query.shape), list(value.shape)
-    q_shape[1], v_shape[1] = q_shape[1] * grow, v_shape[1] * grow
-    spec = build_mask_spec(
-        layout, q_shape, v_shape, (*batch, layer._num_heads, *t_dims, *s_dims),
-        query_mask=query_mask, value_mask=value_mask, key_mask=key_mask, attention_mask=attention_mask,
-        use_causal_mask=causal, sliding_window=layer._sliding_window, device=query.device,
-    )
-    if segment_ids is not None:
-        if cache is not None:
-            raise ValueError("`segment_ids` and `cache` cannot be combined: decode one document per cache row.")
-        spec.q_seg_BT, spec.k_seg_BS = segments.parse_segment_ids(
-            segment_ids, q_shape, v_shape, value is query, query.device)
-    return spec, t_dims, s_dims
-
-
-# A gather and a scatter per projected tensor cost memory traffic; below this share of
-# padding they cost more than the GEMM rows they save (B=8 T=2048 E=256 on 2 CPU cores).
-MIN_PADDING = 0.1
-
-
-def valid_rows(layer, spec, query, value, key, call: Call, cache) -> torch.Tensor | None:
-    """Flat indices `(R,)` into `B*T` of the tokens to project, or None to project them all.
-
-    Only for rank-3 self-attention whose query padding (`query_mask`, negative
-    segment ids) and key padding (`value_mask`/`key_mask`, negative ids) are
-    the same tokens, on CPU in eager mode (reading the mask is free there),
-    without sequence/context parallelism, a cache, returned scores or an
-    activity regularizer (which Keras applies to every position's projection).
-    """
-    if query.device.type != "cpu" or torch.compiler.is_compiling() or query.dim() != 3:
-        return None
-    if not (value is query and key is query) or call.return_scores or cache is not None:
-        return None
-    if layer.sequence_parallel or layer.cp_size > 1 or layer._activity_regularizer is not None:
-        return None
-    q_ok, k_ok = spec.q_keep_BT, spec.k_keep_BS
-    if spec.q_seg_BT is not None:
-        q_ok = spec.q_seg_BT >= 0 if q_ok is None else q_ok & (spec.q_seg_BT >= 0)
-        k_ok = spec.k_seg_BS >= 0 if k_ok is None else k_ok & (spec.k_seg_BS >= 0)
-    if q_ok is None or k_ok is None or q_ok.shape != k_ok.shape or not torch.equal(q_ok, k_ok):
-        return None
-    flat = q_ok.reshape(-1)
-    kept = int(flat.sum())
-    if kept > (1.0 - MIN_PADDING) * flat.numel():
-        return None
-    return flat.nonzero().squeeze(1)
-
-
-def scatter_rows(x_R, rows, total: int) -> torch.Tensor:
-    """`(R, *rest)` -> `(total, *rest)`: zeros outside `rows` (differentiable)."""
-    return x_R.new_zeros((total, *x_R.shape[1:])).index_copy(0, rows, x_R)
+    return Call(query, value, key, mask_args, return_scores, bool(local_scores), causal, dropout_p, cache, pending)

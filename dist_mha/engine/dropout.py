@@ -10,7 +10,7 @@ position). Mixed into `AttentionCore`.
 from __future__ import annotations
 
 from dist_mha.attention.kernels import AttentionRequest
-from dist_mha.rng.streams import CallCounter, RNGStream, invariant_keep_mask, stream_seed
+from dist_mha.rng.streams import CallCounter, InvariantKeep, RNGStream, stream_seed
 
 
 class DropoutStreams:
@@ -32,12 +32,5 @@ class DropoutStreams:
         """The stream to fork for dropout, or None when `req.dropout_keep` carries TP-invariant masks."""
         if self.dropout_mode != "tp_invariant":
             return self._dropout_stream
-        index = self._invariant_calls.next()
-        seed, rate, num_heads = self._invariant_calls.seed, req.dropout_p, self._num_heads
-
-        def keep(shape_BNTS, device):
-            global_shape = (shape_BNTS[0], num_heads, *shape_BNTS[2:])
-            return invariant_keep_mask(seed, index, global_shape, (slice(None), slice(h0, h1)), rate, device)
-
-        req.dropout_keep = keep
+        req.dropout_keep = InvariantKeep(self._invariant_calls, self._num_heads, req.T, req.S, h0, h1, req.dropout_p)
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel import agreement
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,7 +76,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
     if local_error is not None:
         for group in layer._check_groups:
             try:
-                sharding.check_ranks_agree(group, [1] + [0] * (_CHECK_VALUES - 1),
+                agreement.check_ranks_agree(group, [1] + [0] * (_CHECK_VALUES - 1),
                                            ["inputs rejected"] + ["-"] * (_CHECK_VALUES - 1))
             except ValueError:
                 pass  # some ranks passed their checks; they raise their own message
@@ -102,13 +102,13 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         first = None
         for group in layer._check_groups:  # TP, then CP: every rank takes part in both before raising
             try:
-                sharding.check_ranks_agree(group, values, names, shown)
+                agreement.check_ranks_agree(group, values, names, shown)
             except ValueError as err:
                 first = first or err
         if first is not None:
             _explain_disagreement(first)
         return None
-    return _PendingCheck([sharding.start_ranks_agree(g, values, names, shown) for g in layer._check_groups])
+    return _PendingCheck([agreement.start_ranks_agree(g, values, names, shown) for g in layer._check_groups])
 
 
 def _explain_disagreement(err: ValueError):
@@ -129,9 +129,9 @@ class _PendingCheck:
 
     def wait(self) -> None:
         first = None
-        for agreement in self.agreements:  # every check completes before any raises
+        for pending in self.agreements:  # every check completes before any raises
             try:
-                agreement.wait()
+                pending.wait()
             except ValueError as err:
                 first = first or err
         if first is not None:

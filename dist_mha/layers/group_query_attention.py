@@ -7,8 +7,8 @@ engine in `dist_mha.engine.attention`, the same one `MultiHeadAttention` runs.
 from __future__ import annotations
 
 from dist_mha.engine import config as cfg
-from dist_mha.engine.attention import AttentionCore, shared_args
-from dist_mha.layers.keras_api import KerasLayerAPI
+from dist_mha.engine.attention import AttentionCore
+from dist_mha.layers.keras_api import KerasLayerAPI, shared_args
 
 
 class GroupQueryAttention(KerasLayerAPI, AttentionCore):

@@ -19,6 +19,29 @@ from dist_mha.parallel.tp import reshard, sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
+# Constructor arguments both Keras layers take with the same meaning (their head arguments differ).
+SHARED_ARGS = (
+    "dropout", "use_bias", "sliding_window", "flash_attention", "kernel_initializer", "bias_initializer",
+    "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint", "bias_constraint",
+    "use_gate", "seed", "query_shape", "value_shape", "key_shape", "attention_backend", "device", "dtype", "tp_group",
+    "sequence_parallel", "cp_group", "cp_mode", "dropout_mode", "check_ranks", "name", "trainable", "kwargs",
+)
+_OBJECTS = {"kernel_initializer": initializers, "bias_initializer": initializers, "kernel_regularizer": regularizers,
+            "bias_regularizer": regularizers, "activity_regularizer": regularizers, "kernel_constraint": constraints,
+            "bias_constraint": constraints}
+
+
+def shared_args(args: dict) -> dict:
+    """The `SHARED_ARGS` from a layer constructor's `locals()`, Keras objects resolved for the engine."""
+    out = {k: args[k] for k in SHARED_ARGS}
+    for name, module in _OBJECTS.items():
+        out[name] = module.get(out[name], name)
+    for name in ("kernel_initializer", "bias_initializer"):
+        if out[name] is None:
+            raise ValueError(f"Received an invalid value for argument `{name}`, expected an initializer. "
+                             f"Received: {name}=None")
+    return out
+
 
 class WeightInfo(NamedTuple):
     """One Keras weight: its kind, the local parameter and how it is sharded."""

@@ -20,8 +20,8 @@ from torch import nn
 
 from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
-from dist_mha.parallel.cp.layout import cp_rank_of, cp_size_of
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.agreement import agreed_random_base
+from dist_mha.parallel.groups import rank_of, size_of
 from dist_mha.parallel.tp.linear import (
     ColumnParallelLinear,
     ParallelLayerNorm,
@@ -80,8 +80,10 @@ class TransformerBlock(nn.Module):
         self.causal = causal
         self.dropout = dropout
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
-        seed = sharding.agreed_random_base(tp_group, device) if seed is None else seed
+        self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
+        # Weights and dropout seeds must be equal on every TP and CP rank of a model replica,
+        # even when the ranks were seeded differently: both come from the first rank's draw.
+        seed = agreed_random_base(tp_group, cp_group) if seed is None else seed
         ln = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
         self.norm1 = ParallelLayerNorm(embed_dim, **ln)
         common = dict(dropout=attention_dropout, seed=seed, query_shape=embed_dim, tp_group=tp_group,
@@ -97,12 +99,13 @@ class TransformerBlock(nn.Module):
         self.norm2 = ParallelLayerNorm(embed_dim, **ln)
         hidden = mlp_ratio * embed_dim
         lin = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        self.fc1 = ColumnParallelLinear(embed_dim, hidden, salt=1, **lin)
-        self.fc2 = RowParallelLinear(hidden, embed_dim, salt=2, **lin)
+        init_base = agreed_random_base(tp_group, cp_group)
+        self.fc1 = ColumnParallelLinear(embed_dim, hidden, salt=1, init_base=init_base, **lin)
+        self.fc2 = RowParallelLinear(hidden, embed_dim, salt=2, init_base=init_base, **lin)
         # Residual dropout acts on rows this rank holds: replicated across TP, unless SP
         # or CP gives each rank other rows, which then need their own masks.
-        cp = cp_size_of(cp_group)
-        rank = (sharding.tp_rank_of(tp_group) if self.sequence_parallel else 0) + sharding.tp_size_of(tp_group) * cp_rank_of(cp_group)
+        cp = size_of(cp_group)
+        rank = (rank_of(tp_group) if self.sequence_parallel else 0) + size_of(tp_group) * rank_of(cp_group)
         self.residual_stream = RNGStream(
             stream_seed(seed, "residual", rank if (self.sequence_parallel or cp > 1) else None), "residual"
         )

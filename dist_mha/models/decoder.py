@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_mha.attention.segments import document_positions
-from dist_mha.keras_objects import initializers
 from dist_mha.models.block import TransformerBlock
+from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
-from dist_mha.parallel.cp.layout import cp_size_of, positions
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.cp.layout import positions
+from dist_mha.parallel.groups import size_of
 from dist_mha.parallel.tp.linear import ParallelLayerNorm
+from dist_mha.rng import counter
 
 
 class DecoderLM(nn.Module):
@@ -58,16 +59,16 @@ class DecoderLM(nn.Module):
                  cp_group=None, cp_mode="ring", dropout_mode="per_rank", seed=None, device=None, dtype=None):
         super().__init__()
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+        self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = max_len
         self.cp_group = cp_group
-        base = sharding.agreed_random_base(tp_group, device)
-        init = initializers.RandomNormal(stddev=0.02)
+        # Equal on every TP and CP rank of a replica, whatever each rank's own seed.
+        base = agreed_random_base(tp_group, cp_group)
         self.tok = nn.Embedding(vocab_size, embed_dim, device=device, dtype=dtype)
         self.pos = nn.Embedding(max_len, embed_dim, device=device, dtype=dtype)
         with torch.no_grad():
-            self.tok.weight.copy_(init((vocab_size, embed_dim), self.tok.weight.dtype, device=device, salt=1, base_seed=base))
-            self.pos.weight.copy_(init((max_len, embed_dim), self.pos.weight.dtype, device=device, salt=2, base_seed=base))
+            for salt, emb in ((1, self.tok), (2, self.pos)):  # N(0, 0.02), by global index
+                emb.weight.copy_(counter.normal(counter.mix64(base, salt), emb.weight.shape, device=device) * 0.02)
         seed = base if seed is None else seed
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, num_kv_heads=num_kv_heads, mlp_ratio=mlp_ratio, dropout=dropout,
@@ -86,25 +87,30 @@ class DecoderLM(nn.Module):
 
         return DecoderCache(self, batch_size, self.max_len if max_length is None else max_length)
 
-    def forward(self, tokens, cache=None, segment_ids=None):
-        T = tokens.shape[1]
+    def _positions(self, tokens, cache, segment_ids):
+        """Position ids `(1 | B, t)` of this rank's tokens; each packed document starts at 0."""
+        T = tokens.shape[1] * size_of(self.cp_group)  # the global length
         start = 0 if cache is None else cache.length
-        if start + T * cp_size_of(self.cp_group) > self.max_len:
-            raise ValueError(
-                f"Received {T * cp_size_of(self.cp_group)} tokens at position {start}: the model has position embeddings for max_len="
-                f"{self.max_len} positions. Shorten the sequence (or the generation)."
-            )
-        if self.cp_group is not None and cp_size_of(self.cp_group) > 1:
-            if cache is not None:
-                raise ValueError("KV-cache decoding runs without context parallelism; build the model without cp_group.")
-            pos = positions(T * cp_size_of(self.cp_group), self.cp_group, tokens.device)  # this rank's global positions
-        else:
-            pos = torch.arange(start, start + T, device=tokens.device)
+        if cache is not None and size_of(self.cp_group) > 1:
+            raise ValueError("KV-cache decoding runs without context parallelism; build the model without cp_group.")
+        pos = start + positions(T, self.cp_group, tokens.device)[None]  # this rank's global positions
+        longest = start + T
         if segment_ids is not None:
-            # Each document starts at position 0, as it would alone.
             within = document_positions(torch.as_tensor(segment_ids, device=tokens.device))
             pos = within.gather(1, pos.expand(within.shape[0], -1))
-        x = self.tok(tokens) + self.pos(pos)
+            if longest > self.max_len:  # a long packed row fits when each document does (one host read)
+                longest = int(within.max()) + 1
+        if longest > self.max_len:
+            raise ValueError(
+                f"Received {T} tokens at position {start}"
+                + (" whose longest document needs position ids up to " + str(longest - 1) if segment_ids is not None else "")
+                + f": the model has position embeddings for max_len={self.max_len} positions. Shorten the sequence "
+                "(or the generation, or the documents)."
+            )
+        return pos
+
+    def forward(self, tokens, cache=None, segment_ids=None):
+        x = self.tok(tokens) + self.pos(self._positions(tokens, cache, segment_ids))
         if self.sequence_parallel:
             if cache is not None:
                 raise ValueError("KV-cache decoding runs without sequence parallelism; build the model with "

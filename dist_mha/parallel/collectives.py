@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dist_mha.parallel.groups import size_of
+
 
 def _all_gather_flat(out, x, group):
     # torch 2.13 renamed the flat collectives; older torch has only the old names.
@@ -35,13 +37,9 @@ def _reduce_scatter_flat(out, x, group):
     return fn(out, x, group=group)
 
 
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenates every rank's `x` along `dim` (equal shapes)."""
-    world = _size(group)
+    world = size_of(group)
     x = x.contiguous()
     # all_gather_into_tensor concatenates along dim 0; gather there, then move.
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -54,7 +52,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sums `x` over ranks and keeps this rank's slice along `dim`."""
-    world = _size(group)
+    world = size_of(group)
     if x.shape[dim] % world:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {world} ranks")
     chunks = torch.stack(x.chunk(world, dim=dim), dim=0).contiguous()  # (world, *chunk)
@@ -64,7 +62,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    world, rank = _size(group), dist.get_rank(group)
+    world, rank = size_of(group), dist.get_rank(group)
     if x.shape[dim] % world:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {world} ranks")
     return x.chunk(world, dim=dim)[rank].contiguous()
@@ -133,7 +131,7 @@ class _AllToAllTP(torch.autograd.Function):
 
 
 def _all_to_all(x, split_dim, cat_dim, group):
-    world = _size(group)
+    world = size_of(group)
     chunks = torch.stack(x.chunk(world, dim=split_dim), dim=0).contiguous()
     out = torch.empty_like(chunks)
     dist.all_to_all_single(out, chunks, group=group)
@@ -159,7 +157,7 @@ class _CopyToKVReplicas(torch.autograd.Function):
     def backward(ctx, *grads):
         present = [g for g in grads if g is not None]
         if present:
-            world, rank = _size(ctx.group), dist.get_rank(ctx.group)
+            world, rank = size_of(ctx.group), dist.get_rank(ctx.group)
             units = world // ctx.replicas
             flat = torch.cat([g.reshape(-1) for g in present])
             buf = flat.new_zeros(units, flat.numel())
@@ -174,7 +172,7 @@ def copy_to_kv_replicas(group, replicas, *xs):
     """Replicated key/value weights enter a forward pass: identity forward; backward sums the
     gradients of the `replicas` ranks that hold the same head (consecutive TP ranks), so the copies
     stay equal. One all-reduce for all of `xs`."""
-    if _size(group) == 1 or replicas <= 1:
+    if size_of(group) == 1 or replicas <= 1:
         return xs if len(xs) > 1 else xs[0]
     return _CopyToKVReplicas.apply(group, replicas, *xs)
 
@@ -190,7 +188,7 @@ def copy_to_tp(group, *xs):
     projections), as everywhere in dist_mha. Do not add it to another tensor
     directly (`y + other` hands both the same gradient).
     """
-    if _size(group) == 1:
+    if size_of(group) == 1:
         return xs if len(xs) > 1 else xs[0]
     return _CopyToTP.apply(group, *xs)
 
@@ -201,29 +199,29 @@ def reduce_from_tp(group, x, inplace: bool = False):
     `inplace=True` sums into `x` itself (no copy) and returns it; for a
     partial result nothing else reads, such as the output projection's.
     """
-    return x if _size(group) == 1 else _ReduceFromTP.apply(group, x, inplace)
+    return x if size_of(group) == 1 else _ReduceFromTP.apply(group, x, inplace)
 
 
 def gather_from_tp(group, x, dim):
     """All-gathers a TP-sharded tensor along `dim`; backward keeps this rank's slice."""
-    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _own_slice)
+    return x if size_of(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _own_slice)
 
 
 def scatter_to_tp(group, x, dim):
     """Keeps this rank's slice of a replicated tensor along `dim`; backward all-gathers."""
-    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _own_slice, _all_gather)
+    return x if size_of(group) == 1 else _DimTwin.apply(group, x, dim, _own_slice, _all_gather)
 
 
 def gather_from_sp(group, x, dim):
     """Sequence-parallel entry: all-gather along `dim`; backward reduce-scatters."""
-    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _reduce_scatter)
+    return x if size_of(group) == 1 else _DimTwin.apply(group, x, dim, _all_gather, _reduce_scatter)
 
 
 def reduce_scatter_to_sp(group, x, dim):
     """Sequence-parallel exit: reduce-scatter along `dim`; backward all-gathers."""
-    return x if _size(group) == 1 else _DimTwin.apply(group, x, dim, _reduce_scatter, _all_gather)
+    return x if size_of(group) == 1 else _DimTwin.apply(group, x, dim, _reduce_scatter, _all_gather)
 
 
 def all_to_all_tp(group, x, split_dim, cat_dim):
     """All-to-all: split `split_dim` across ranks, concatenate what arrives along `cat_dim`."""
-    return x if _size(group) == 1 else _AllToAllTP.apply(group, x, split_dim, cat_dim)
+    return x if size_of(group) == 1 else _AllToAllTP.apply(group, x, split_dim, cat_dim)

@@ -75,8 +75,8 @@ def wire_bytes(op: str, payload: int, p: int) -> float:
 def cp_payloads(c: CallShape, p: int, mode: str, tp: int = 1, kv_heads: int | None = None) -> dict:
     """Context parallelism: `{"forward": [(op, payload_bytes)], "backward": [...]}` for one call on one rank.
 
-    `op` is "p2p" (one send; ring), "all_to_all", "all_gather" or "reduce_scatter"
-    (Ulysses; the last two when there are fewer key/value heads than CP ranks).
+    `op` is "p2p" (one send; ring) or "all_to_all" (Ulysses; with fewer key/value
+    heads than CP ranks each rank sends every peer one head of its rows).
     `kv_heads`: key/value heads of the layer (default N). `c.T`, `c.S` are global.
     """
     b = c.bytes_per_element
@@ -91,13 +91,9 @@ def cp_payloads(c: CallShape, p: int, mode: str, tp: int = 1, kv_heads: int | No
     if mode == "ulysses":
         q_op = ("all_to_all", c.B * t * n * c.H * b)
         out_op = ("all_to_all", c.B * c.T * (n // p) * c.Hv * b)
-        if k % p == 0:
-            kv = [("all_to_all", c.B * s * k * c.H * b), ("all_to_all", c.B * s * k * c.Hv * b)]
-            return {"forward": [q_op, *kv, out_op], "backward": [q_op, *kv, out_op]}
-        # Fewer key/value heads than CP ranks: all-gather forward, reduce-scatter of the full tensor backward.
-        fwd = [("all_gather", c.B * s * k * c.H * b), ("all_gather", c.B * s * k * c.Hv * b)]
-        bwd = [("reduce_scatter", c.B * c.S * k * c.H * b), ("reduce_scatter", c.B * c.S * k * c.Hv * b)]
-        return {"forward": [q_op, *fwd, out_op], "backward": [q_op, *bwd, out_op]}
+        heads = k if k % p == 0 else p  # fewer key/value heads than ranks: one head of its rows per peer
+        kv = [("all_to_all", c.B * s * heads * c.H * b), ("all_to_all", c.B * s * heads * c.Hv * b)]
+        return {"forward": [q_op, *kv, out_op], "backward": [q_op, *kv, out_op]}
     raise ValueError(f"unknown cp mode {mode!r}")
 
 

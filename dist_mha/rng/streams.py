@@ -239,6 +239,28 @@ def invariant_keep_mask(seed: int, call: int, global_shape, index, rate: float, 
     return keep_mask(mix64(seed, call), global_shape, index, rate, device=device)
 
 
+class InvariantKeep:
+    """The TP-invariant dropout keep-masks of one attention call, for heads `[h0, h1)` of `num_heads`.
+
+    A pure function of (seed, call index, global batch, head, query, key
+    position): every TP degree, CP layout and kernel draws the same mask for
+    the same element. Called as `keep(shape_BNTS, device)` for the whole
+    `(T, S)` of this rank's heads, or `keep.block(q_range, k_range, B, device)`
+    for one block of global positions (ring attention).
+    """
+
+    def __init__(self, counter: CallCounter, num_heads: int, T: int, S: int, h0: int, h1: int, rate: float):
+        self.seed, self.call = counter.seed, counter.next()
+        self.num_heads, self.T, self.S, self.h0, self.h1, self.rate = num_heads, T, S, h0, h1, rate
+
+    def block(self, q_range, k_range, B: int, device) -> torch.Tensor:
+        index = (slice(None), slice(self.h0, self.h1), slice(*q_range), slice(*k_range))
+        return invariant_keep_mask(self.seed, self.call, (B, self.num_heads, self.T, self.S), index, self.rate, device)
+
+    def __call__(self, shape_BNTS, device) -> torch.Tensor:
+        return self.block((0, self.T), (0, self.S), shape_BNTS[0], device)
+
+
 def collect_streams(module: torch.nn.Module) -> list:
     """Every stream/counter owned by `module` and its children (via `rng_streams()`)."""
     out = []

@@ -23,6 +23,7 @@ import torch
 
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel.cp import layout as context
+from dist_mha.parallel.groups import size_of
 from dist_mha.parallel.tp import sharding
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -125,7 +126,7 @@ def compare_with_reference(
         limits = {"output": tol, "input_grads": tol, "weight_grads": 10 * tol}
         bad = {k: v for k, v in errors.items() if not v <= limits[k] * max(1.0, _scale(k, ref_out, ref))}
         if bad:
-            layout = f"TP={sharding.tp_size_of(group)}" + (f" x CP={context.cp_size_of(cp_group)} ({cp_mode})" if cp_group is not None else "")
+            layout = f"TP={size_of(group)}" + (f" x CP={size_of(cp_group)} ({cp_mode})" if cp_group is not None else "")
             raise AssertionError(f"{layout} differs from the reference beyond tolerance {tol}: {bad}")
     return {"max_abs_error": errors, "backend": tp.last_backend}
 

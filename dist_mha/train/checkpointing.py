@@ -155,9 +155,9 @@ def save(run_dir, step: int, model, optimizer, meta: dict, *, tp_rank: int, tp_s
 
 def load_model_state(ckpt_dir, tp_group) -> dict:
     """The model's state dict from a checkpoint directory, resharded to `tp_group`'s degree (no optimizer)."""
-    from dist_mha.parallel import sharding
+    from dist_mha.parallel.groups import rank_of, size_of
 
-    flat = load_tp_shard(ckpt_dir, sharding.tp_size_of(tp_group), sharding.tp_rank_of(tp_group))
+    flat = load_tp_shard(ckpt_dir, size_of(tp_group), rank_of(tp_group))
     return {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
 
 

@@ -11,61 +11,191 @@ backward of block b needs the *final* output `O` and log-sum-exp `L` of the
 query rows (`P_b = exp(S_b - L)` are then the final probabilities, and
 `dS_b = P_b * (dP_b - rowsum(dO * O))`), so `backward` takes them.
 
-Three implementations:
-- "sdpa": torch's CPU flash kernels (`aten._scaled_dot_product_flash_attention_for_cpu`
+Kernels (`choose` picks them once per call, `Kernels` holds the choice):
+- "cpu_flash": torch's CPU flash kernels (`_scaled_dot_product_flash_attention_for_cpu`
   and its backward, which take `out` and `logsumexp`): grouped K/V in place,
-  masks as an additive bias. CPU, no dropout, `H == Hv`.
-- "flash_cuda": torch's CUDA flash kernels (`aten._scaled_dot_product_flash_attention`
-  and its backward, as torch's own context parallelism drives them) for the
+  masks as an additive bias. No dropout, `H == Hv`.
+- "cuda_flash": torch's CUDA flash kernels (`_scaled_dot_product_flash_attention`
+  and its backward, as torch's own context parallelism drives them) for
   blocks without a mask (every block of causal attention without padding:
-  full or diagonal); masked blocks of the same call run on math. fp16/bf16,
-  no dropout, `H == Hv`, head size a multiple of 8 up to 256. Not yet run
-  on a GPU: `tests/test_gpu.py` checks it against math (`bench/gpu_check.sh`).
+  full or diagonal). fp16/bf16, head size a multiple of 8 up to 256, sm80+.
+- "cuda_efficient": torch's CUDA memory-efficient kernels
+  (`_scaled_dot_product_efficient_attention` and its backward) for masked
+  blocks: the mask travels as an additive bias (broadcast views: key padding
+  costs a `(B, 1, 1, s)` bias, not `(B, n, t, s)`), the LSE comes back padded
+  to 32 rows and goes back the same way.
 - "math": explicit scores, any device and dtype, grouped K/V repeated, and
   dropout with a given keep-mask (counter-based, so the backward sees the
   forward's mask without storing it).
-All report rows with no visible key as `lse = -inf` and a zero output.
+Every kernel reports rows with no visible key as `lse = -inf` and a zero
+output, and runs with autocast off: the backward recomputes against the
+forward's LSE, so both must see the same (>= float32) scores.
+
+The private ATen ops are called through `OPS`, the one table of them, so a
+CPU test can check what each receives (contiguity, dtypes, shapes).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import torch
 
+from dist_mha.attention.kernels.flash import torch_flash_refusals
+from dist_mha.attention.kernels.request import repeat_kv
+from dist_mha.attention.masks import live_rows
+
 _NEG_INF = float("-inf")
+_LSE_ALIGN = 32  # rows the CUDA memory-efficient kernel pads its LSE to
+_BIAS_ALIGN = 16  # elements the memory-efficient kernel wants a bias row's stride aligned to
+
+OPS = SimpleNamespace(
+    cpu_flash=lambda *a, **k: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*a, **k),
+    cpu_flash_backward=lambda *a, **k: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*a, **k),
+    cuda_flash=lambda *a, **k: torch.ops.aten._scaled_dot_product_flash_attention(*a, **k),
+    cuda_flash_backward=lambda *a, **k: torch.ops.aten._scaled_dot_product_flash_attention_backward(*a, **k),
+    cuda_efficient=lambda *a, **k: torch.ops.aten._scaled_dot_product_efficient_attention(*a, **k),
+    cuda_efficient_backward=lambda *a, **k: torch.ops.aten._scaled_dot_product_efficient_attention_backward(*a, **k),
+)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None) -> tuple[str, str]:
-    """`(implementation, why)` for the blocks of one ring call."""
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels of one ring call: for blocks without a mask, for masked blocks, and why."""
+
+    unmasked: str
+    masked: str
+    why: str
+
+    def for_mask(self, mask) -> str:
+        return self.unmasked if mask is None else self.masked
+
+
+def _efficient_refusals(q, v) -> list[str]:
     reasons = []
-    H = q_BNTH.shape[-1]
-    if q_BNTH.device.type == "cuda":
-        if q_BNTH.dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"dtype {q_BNTH.dtype}: the CUDA flash kernels take float16/bfloat16")
-        if H % 8 or H > 256:
-            reasons.append(f"head size {H}: the CUDA flash kernels take multiples of 8 up to 256")
-    elif q_BNTH.device.type != "cpu":
-        reasons.append(f"inputs on {q_BNTH.device.type}: the LSE-returning SDPA ops are wired for CPU and CUDA")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype}: the memory-efficient kernel takes float16/bfloat16/float32")
+    if q.shape[-1] % 8 or v.shape[-1] % 8:
+        reasons.append(f"head sizes {q.shape[-1]}/{v.shape[-1]}: the memory-efficient kernel takes multiples of 8")
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():
+        reasons.append("torch's memory-efficient kernel is disabled")
+    return reasons
+
+
+def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None, flash_attention=None) -> Kernels:
+    """The `Kernels` for the blocks of one ring call."""
+    device = q_BNTH.device.type
+    common = []
+    if dropout:
+        common.append("dropout masks must be replayed in the backward (the math blocks take them explicitly)")
+    if forced == "math":
+        common.append("attention_backend='math'")
+    if device == "cuda":
+        flash_no = common + torch_flash_refusals(q_BNTH, v_BKSH, flash_attention)
+        eff_no = common + _efficient_refusals(q_BNTH, v_BKSH)
+        unmasked = "cuda_flash" if not flash_no else "cuda_efficient" if not eff_no else "math"
+        masked = "cuda_efficient" if not eff_no else "math"
+        why = (f"ring blocks without a mask on {unmasked}" + (f" (flash: {'; '.join(flash_no)})" if flash_no else "")
+               + f", masked blocks on {masked}" + (f" (memory-efficient: {'; '.join(eff_no)})" if eff_no else ""))
+        return Kernels(unmasked, masked, why)
+    reasons = list(common)
+    if device != "cpu":
+        reasons.append(f"inputs on {device}: the LSE-returning SDPA ops are wired for CPU and CUDA")
     if q_BNTH.shape[-1] != v_BKSH.shape[-1]:
         reasons.append(f"key_dim {q_BNTH.shape[-1]} != value_dim {v_BKSH.shape[-1]}")
-    if dropout:
-        reasons.append("dropout masks must be replayed in the backward (the math blocks take them explicitly)")
-    if forced == "math":
-        reasons.append("attention_backend='math'")
     if reasons:
-        return "math", "ring blocks on math: " + "; ".join(reasons)
-    if q_BNTH.device.type == "cuda":
-        return "flash_cuda", ("ring blocks on SDPA's CUDA flash kernel where a block has no mask (LSE returned, "
-                              "backward given the merged LSE), masked blocks on math")
-    return "sdpa", "ring blocks on SDPA's CPU flash kernel (LSE returned, backward given the merged LSE)"
+        return Kernels("math", "math", "ring blocks on math: " + "; ".join(reasons))
+    return Kernels("cpu_flash", "cpu_flash", "ring blocks on SDPA's CPU flash kernel (LSE returned, backward given "
+                                             "the merged LSE)")
 
 
-def _heads(x_BKSH, n):
-    g = n // x_BKSH.shape[1]
-    return x_BKSH if g == 1 else x_BKSH.repeat_interleave(g, dim=1)
+def _bias(mask, dtype, align: int = 1):
+    """Additive bias (0 / -inf) of a bool mask; rows `align`-strided (views of a padded buffer) when asked."""
+    if mask is None:
+        return None
+    s = mask.shape[-1]
+    width = -(-s // align) * align
+    bias = torch.zeros((*mask.shape[:-1], width), dtype=dtype, device=mask.device)
+    bias[..., :s].masked_fill_(~mask, _NEG_INF)
+    return bias[..., :s]
+
+
+def _with_causal(mask, is_causal, t, s, device):
+    """The math blocks build the diagonal block's causal mask the kernels take as a flag."""
+    if not is_causal:
+        return mask
+    causal = torch.ones(t, s, dtype=torch.bool, device=device).tril()
+    return causal if mask is None else mask & causal
+
+
+def _opened(mask, t, is_causal):
+    """`(mask with fully masked rows opened, live rows (B|1, N|1, t) or None)` for the bias kernels."""
+    live = live_rows(mask, t, is_causal)
+    if live is None:
+        return None, None
+    return mask | ~live[..., None], live
+
+
+def forward(kernels: Kernels, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False, state=None):
+    """One block: `(out_BNTH normalised over this block, lse_BNT)`.
+
+    Args:
+        kernels: from `choose`.
+        mask: bool, broadcastable to `(B, n, t, s)`, True to attend; None: every key.
+        keep: dropout keep-mask `(B, n, t, s)` (math only), applied with `1 / (1 - rate)`.
+        is_causal: top-left causal on top of `mask` (a diagonal block; no positional mask is built).
+        state: a dict that keeps what the CUDA backward ops need besides
+            the merged output and LSE (their placeholder arguments).
+    """
+    impl = kernels.for_mask(mask)
+    t, acc = q_BNTH.shape[2], lse_dtype(q_BNTH.dtype)
+    with torch.autocast(q_BNTH.device.type, enabled=False):
+        if impl == "cuda_flash":
+            out, lse, *rest = OPS.cuda_flash(q_BNTH, k_BKSH, v_BKSH, dropout_p=0.0, is_causal=is_causal,
+                                             return_debug_mask=False, scale=scale)
+            if state is not None:
+                state.setdefault("flash_rest", rest[:6])  # cum_seq_q, cum_seq_k, max_q, max_k, philox seed, offset
+            return out, lse.float()
+        if impl in ("cpu_flash", "cuda_efficient"):
+            if impl == "cuda_efficient":
+                mask, is_causal = _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device), False
+            opened, live = _opened(mask, t, is_causal)
+            if impl == "cpu_flash":
+                out, lse = OPS.cpu_flash(q_BNTH, k_BKSH, v_BKSH, is_causal=is_causal,
+                                         attn_mask=_bias(opened, q_BNTH.dtype), scale=scale)
+            else:  # the causal flag is folded into the bias (the diagonal block's (t, s) mask only)
+                B, n, s = q_BNTH.shape[0], q_BNTH.shape[1], k_BKSH.shape[2]
+                bias = _bias(opened, q_BNTH.dtype, _BIAS_ALIGN).expand(B, n, t, s)
+                out, lse, seed, offset = OPS.cuda_efficient(
+                    q_BNTH, repeat_kv(k_BKSH, n), repeat_kv(v_BKSH, n), bias, True, 0.0, False, scale=scale)
+                if state is not None:
+                    state.setdefault("efficient_rest", (seed, offset))
+                lse = lse[..., :t]
+            if live is not None:
+                # Rows with no visible key: the kernel computed something finite over the opened mask;
+                # merging needs lse = -inf and a zero output there.
+                lse = lse.masked_fill(~live, _NEG_INF)
+                out = out.masked_fill(~live[..., None], 0)
+            return out, lse.to(acc)
+        n = q_BNTH.shape[1]
+        s_BNTS = _scores(q_BNTH, k_BKSH, _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device), scale)
+        lse = torch.logsumexp(s_BNTS, dim=-1)
+        p = torch.exp(s_BNTS - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+        if keep is not None:
+            p = p * keep / (1.0 - rate)
+        return torch.matmul(p, repeat_kv(v_BKSH, n).to(acc)), lse
+
+
+def _scores(q_BNTH, k_BKSH, mask, scale):
+    """`(B, n, t, s)` scaled scores (float32 at least; Keras scales the query first), masked with -inf."""
+    acc = lse_dtype(q_BNTH.dtype)
+    s = torch.matmul((q_BNTH * scale).to(acc), repeat_kv(k_BKSH, q_BNTH.shape[1]).to(acc).transpose(-1, -2))
+    return s if mask is None else s.masked_fill(~mask, _NEG_INF)
 
 
 def _fold(dx_BNSH, k):
@@ -74,118 +204,67 @@ def _fold(dx_BNSH, k):
     return dx_BNSH if n == k else dx_BNSH.view(B, k, n // k, s, h).sum(dim=2)
 
 
-def _live(mask, shape_BNT, is_causal=False):
-    """Rows with at least one visible key (None: every row)."""
-    if mask is None:
-        return None
-    if not is_causal:
-        return mask.any(dim=-1).expand(shape_BNT)
-    if mask.shape[-2] == 1:
-        # Key padding under a diagonal causal block: row i sees keys 0..i.
-        return mask.cummax(dim=-1).values.squeeze(-2).expand(shape_BNT)
-    return (mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()).any(dim=-1).expand(shape_BNT)
+def _padded_lse(L_BNT):
+    """The merged LSE laid out as the memory-efficient kernel wrote its own: float32, rows padded to 32."""
+    t = L_BNT.shape[-1]
+    out = L_BNT.new_zeros((*L_BNT.shape[:-1], -(-t // _LSE_ALIGN) * _LSE_ALIGN), dtype=torch.float32)
+    out[..., :t] = L_BNT
+    return out
 
 
-def _bias(mask, dtype):
-    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, _NEG_INF)
-
-
-def _with_causal(mask, is_causal, q_BNTH, k_BKSH):
-    """The math blocks build the diagonal block's causal mask the kernels take as a flag."""
-    if not is_causal:
-        return mask
-    t, s = q_BNTH.shape[2], k_BKSH.shape[2]
-    causal = torch.ones(t, s, dtype=torch.bool, device=q_BNTH.device).tril()
-    return causal if mask is None else mask & causal
-
-
-def forward(impl, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False, state=None):
-    """One block: `(out_BNTH normalised over this block, lse_BNT)`.
-
-    Args:
-        impl: "sdpa", "flash_cuda" or "math" (see `choose`).
-        mask: bool, broadcastable to `(B, n, t, s)`, True to attend; None: every key.
-        keep: dropout keep-mask `(B, n, t, s)` (math only), applied with `1 / (1 - rate)`.
-        is_causal: top-left causal on top of `mask` (a diagonal block; no positional mask is built).
-        state: a dict that keeps what the CUDA flash backward needs besides
-            the merged output and LSE (its placeholder arguments, shape-independent).
-    """
-    shape_BNT = q_BNTH.shape[:3]
-    if impl == "flash_cuda" and mask is None:
-        out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(
-            q_BNTH, k_BKSH, v_BKSH, dropout_p=0.0, is_causal=is_causal, return_debug_mask=False, scale=scale)
-        if state is not None:
-            state.setdefault("flash_rest", rest[:6])  # cum_seq_q, cum_seq_k, max_q, max_k, philox seed, offset
-        return out, lse.float()
-    if impl == "flash_cuda":
-        impl = "math"  # a masked block
-    if impl == "sdpa":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_BNTH, k_BKSH, v_BKSH, is_causal=is_causal, attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
-        live = _live(mask, shape_BNT, is_causal)
-        if live is not None:
-            # The kernel reports lse = 0 for a row with no visible key; merging needs -inf.
-            lse = lse.masked_fill(~live, _NEG_INF)
-        return out, lse.to(lse_dtype(q_BNTH.dtype))
-    n = q_BNTH.shape[1]
-    s_BNTS = _scores(q_BNTH, k_BKSH, _with_causal(mask, is_causal, q_BNTH, k_BKSH), scale)
-    lse = torch.logsumexp(s_BNTS, dim=-1)
-    p = torch.exp(s_BNTS - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    if keep is not None:
-        p = p * keep / (1.0 - rate)
-    out = torch.matmul(p.to(v_BKSH.dtype), _heads(v_BKSH, n))
-    return out, lse.to(lse_dtype(q_BNTH.dtype))
-
-
-def _scores(q_BNTH, k_BKSH, mask, scale):
-    """`(B, n, t, s)` scaled scores (float32 at least; Keras scales the query first), masked with -inf."""
-    acc = lse_dtype(q_BNTH.dtype)
-    s = torch.matmul((q_BNTH * scale).to(acc), _heads(k_BKSH, q_BNTH.shape[1]).to(acc).transpose(-1, -2))
-    return s if mask is None else s.masked_fill(~mask, _NEG_INF)
-
-
-def backward(impl, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None, rate=0.0,
-             is_causal=False, state=None):
+def backward(kernels: Kernels, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None,
+             rate=0.0, is_causal=False, state=None):
     """Gradients of one block `(dq_BNTH, dk_BKSH, dv_BKSH)` from the final `O`, `L` and `D = rowsum(dO * O)`.
 
     Rows with `L = -inf` (nothing visible anywhere) must come with `dO = 0`
     and a finite `L` (the caller substitutes 0): their gradient is zero.
+    `O`, `dO`, `L` and `D` may be chunks (views) of the whole call's: the
+    kernels read the LSE as a dense buffer, so it is made contiguous here.
     """
-    if impl == "flash_cuda" and mask is None:
-        cum_q, cum_k, max_q, max_k, seed, offset = state["flash_rest"]
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.float(), cum_q, cum_k, max_q, max_k, 0.0, is_causal,
-            seed, offset, scale=scale)
-    if impl == "flash_cuda":
-        impl = "math"
-    if impl == "sdpa":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.to(lse_dtype(q_BNTH.dtype)), 0.0, is_causal,
-            attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
-        return dq, dk, dv
-    n, k = q_BNTH.shape[1], k_BKSH.shape[1]
+    impl = kernels.for_mask(mask)
+    n, k, t = q_BNTH.shape[1], k_BKSH.shape[1], q_BNTH.shape[2]
     acc = lse_dtype(q_BNTH.dtype)
-    mask = _with_causal(mask, is_causal, q_BNTH, k_BKSH)
-    p = torch.exp(_scores(q_BNTH, k_BKSH, mask, scale) - L_BNT[..., None])  # the final probabilities
-    v = _heads(v_BKSH, n).to(acc)
-    dO = dO_BNTH.to(acc)
-    z = p if keep is None else p * keep / (1.0 - rate)
-    dv = torch.matmul(z.transpose(-1, -2), dO)
-    dp = torch.matmul(dO, v.transpose(-1, -2))
-    if keep is not None:
-        dp = dp * keep / (1.0 - rate)
-    ds = p * (dp - D_BNT[..., None].to(acc))
-    dq = torch.matmul(ds, _heads(k_BKSH, n).to(acc)) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q_BNTH.to(acc)) * scale
-    dt = q_BNTH.dtype
-    return dq.to(dt), _fold(dk, k).to(k_BKSH.dtype), _fold(dv, k).to(v_BKSH.dtype)
+    with torch.autocast(q_BNTH.device.type, enabled=False):
+        if impl == "cuda_flash":
+            cum_q, cum_k, max_q, max_k, seed, offset = state["flash_rest"]
+            return OPS.cuda_flash_backward(
+                dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.float().contiguous(), cum_q, cum_k, max_q, max_k, 0.0,
+                is_causal, seed, offset, scale=scale)
+        # The backward takes the mask as it is: a row with no key here but some in another block has a
+        # finite L, so exp(-inf - L) = 0 keeps this block's masked keys out of its gradient.
+        if impl == "cpu_flash":
+            return OPS.cpu_flash_backward(dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT.to(acc).contiguous(), 0.0,
+                                          is_causal, attn_mask=_bias(mask, q_BNTH.dtype), scale=scale)
+        if impl == "cuda_efficient":
+            mask, is_causal = _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device), False
+            B, s = q_BNTH.shape[0], k_BKSH.shape[2]
+            bias = _bias(mask, q_BNTH.dtype, _BIAS_ALIGN).expand(B, n, t, s)
+            seed, offset = state["efficient_rest"]
+            dq, dk, dv, _ = OPS.cuda_efficient_backward(
+                dO_BNTH, q_BNTH, repeat_kv(k_BKSH, n), repeat_kv(v_BKSH, n), bias, O_BNTH, _padded_lse(L_BNT), seed,
+                offset, 0.0, [True, True, True, False], is_causal, scale=scale)
+            return dq, _fold(dk, k), _fold(dv, k)
+        mask = _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device)
+        p = torch.exp(_scores(q_BNTH, k_BKSH, mask, scale) - L_BNT[..., None])  # the final probabilities
+        v = repeat_kv(v_BKSH, n).to(acc)
+        dO = dO_BNTH.to(acc)
+        z = p if keep is None else p * keep / (1.0 - rate)
+        dv = torch.matmul(z.transpose(-1, -2), dO)
+        dp = torch.matmul(dO, v.transpose(-1, -2))
+        if keep is not None:
+            dp = dp * keep / (1.0 - rate)
+        ds = p * (dp - D_BNT[..., None].to(acc))
+        dq = torch.matmul(ds, repeat_kv(k_BKSH, n).to(acc)) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), q_BNTH.to(acc)) * scale
+        return dq.to(q_BNTH.dtype), _fold(dk, k).to(k_BKSH.dtype), _fold(dv, k).to(v_BKSH.dtype)
 
 
 def merge(out_acc, lse_acc, out_b, lse_b):
     """Exact combination of two partial attentions over disjoint key sets: `(out, lse)`.
 
     `out_*` are `(B, n, t, Hv)` normalised over their own keys; rows where
-    both `lse` are -inf stay zero with `lse = -inf`.
+    both `lse` are -inf stay zero with `lse = -inf`. Accumulates in the LSE's
+    dtype (float32 or wider).
     """
     if out_acc is None:
         return out_b.to(lse_b.dtype) if out_b.dtype != lse_b.dtype else out_b, lse_b

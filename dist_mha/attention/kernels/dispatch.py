@@ -40,8 +40,27 @@ def _stream_dropout_on_cpu(req: AttentionRequest) -> bool:
             and torch.compiler.is_compiling())
 
 
+def _candidates(req: AttentionRequest, flash_attention, backend):
+    """`(backend names in the order to try, what the user asked for or None)`."""
+    if backend is not None:
+        return [backend], f"attention_backend={backend!r}"
+    if flash_attention is True:
+        return ["flash"], "flash_attention=True"
+    if flash_attention is False:
+        return ["varlen", "sdpa", "math"], None
+    if flash.ranks_after_sdpa(req):
+        return ["sdpa", "flash", "math"], None
+    if _stream_dropout_on_cpu(req):
+        return ["flash", "math", "sdpa"], None
+    return list(BACKENDS), None
+
+
 def select(req: AttentionRequest, flash_attention=None, backend: str | None = None):
     """Chooses a backend for `req`.
+
+    Backends are asked in order and the first that takes the call serves it,
+    so a later backend's refusals are never computed (varlen's plan reads
+    mask values: it is made only when varlen's turn comes).
 
     Args:
         req: the attention request.
@@ -51,38 +70,24 @@ def select(req: AttentionRequest, flash_attention=None, backend: str | None = No
 
     Returns:
         `(module, explanation)`: the backend module and a one-line account of
-        every backend's verdict.
+        the verdicts of the backends asked.
 
     Raises:
-        ValueError: if the required backend refuses the input.
+        ValueError: if the required backend refuses the input (listing every backend's reasons).
     """
-    reasons = {name: b.refusals(req) for name, b in BACKENDS.items()}
-    if backend is not None:
-        candidates = [backend]
-        wanted = f"attention_backend={backend!r}"
-    elif flash_attention is True:
-        candidates = ["flash"]
-        wanted = "flash_attention=True"
-    elif flash_attention is False:
-        candidates = ["varlen", "sdpa", "math"]
-        wanted = None
-    elif not reasons["flash"] and flash.ranks_after_sdpa(req):
-        candidates = ["sdpa", "flash", "math"]
-        wanted = None
-    elif _stream_dropout_on_cpu(req):
-        candidates = ["flash", "math", "sdpa"]
-        wanted = None
-    else:
-        candidates = list(BACKENDS)
-        wanted = None
-    if backend is None and not reasons["varlen"]:
-        gain, why = varlen.worthwhile(req)
-        if not gain:
-            candidates = [c for c in candidates if c != "varlen"]
-            reasons["varlen"] = [f"able, but skipped: {why}"]
+    candidates, wanted = _candidates(req, flash_attention, backend)
+    reasons: dict[str, list[str]] = {}
     for name in candidates:
-        if not reasons[name]:
+        why = BACKENDS[name].refusals(req)
+        if name == "varlen" and not why and backend is None:
+            gain, skip = varlen.worthwhile(req)
+            why = [] if gain else [f"able, but skipped: {skip}"]
+        reasons[name] = why
+        if not why:
             return BACKENDS[name], _explain(reasons)
+    for name, b in BACKENDS.items():  # a refusal lists every backend's reasons
+        if name not in reasons:
+            reasons[name] = b.refusals(req)
     raise ValueError(
         f"{wanted} cannot serve this call. Why each backend refused: {_explain(reasons)}. "
         "Change the input as the reasons say, or let dist_mha choose (flash_attention=None)."

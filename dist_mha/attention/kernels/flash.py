@@ -6,16 +6,24 @@ K key/value heads, H head size, nnz number of kept keys in the batch.
 The builds are found once, at import (`flash_variants.load`); without one
 (or without CUDA) this backend refuses every input with the reason, and the
 dispatcher moves on. Key padding runs through `flash_attn_varlen_func` on the
-unpadded keys; query padding zeroes output rows afterwards. flash-attn reads
-any q/k/v whose last dim is contiguous, so nothing is copied to make them so.
+unpadded keys (the kept-key indices are read on the host once per distinct
+mask, `mask_cache`); query padding zeroes output rows afterwards. flash-attn
+reads any q/k/v whose last dim is contiguous, so nothing is copied to make
+them so.
+
+`input_refusals` is the one statement of what a CUDA flash kernel takes; the
+ring's blocks (torch's own flash kernels, `blockwise.py`) ask it too, with
+`torch_flash_refusals`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_mha.attention.kernels import flash_variants
-from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
+from dist_mha.attention.blocks import FULL
+from dist_mha.attention.kernels import flash_variants, mask_cache
+from dist_mha.attention.kernels.request import AttentionRequest, rows_BTN1, zero_rows
+from dist_mha.attention.masks import live_rows
 from dist_mha.rng.streams import forked
 
 NAME = "flash"
@@ -57,29 +65,60 @@ def _not_installed() -> str:
             "pip install 'dist_mha[flash]' on a CUDA machine)")
 
 
-def _common_refusals(req: AttentionRequest) -> list[str]:
+def input_refusals(q, v) -> list[str]:
+    """Why a CUDA flash kernel (flash-attn's or torch's) cannot take queries `q` and values `v`."""
     reasons = []
-    m = req.masks
-    q, v = req.q_BTNH, req.v_BSNH
     if not _is_cuda(q):
-        reasons.append(f"inputs are on {q.device.type}, flash-attn needs CUDA")
+        reasons.append(f"inputs are on {q.device.type}, flash kernels need CUDA")
     if q.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"dtype {q.dtype} is not float16/bfloat16")
-    if req.need_scores:
-        reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if q.shape[-1] != v.shape[-1]:
         reasons.append(f"key_dim {q.shape[-1]} != value_dim {v.shape[-1]}")
     if q.shape[-1] > 256:
         reasons.append(f"head size {q.shape[-1]} > 256")
+    return reasons
+
+
+def torch_flash_refusals(q, v, flash_attention=None) -> list[str]:
+    """Why torch's own CUDA flash kernel (the ring's blocks) cannot take `q`, `v`."""
+    reasons = input_refusals(q, v)
+    if flash_attention is False:
+        reasons.append("flash_attention=False")
+    if reasons:
+        return reasons
+    if q.shape[-1] % 8:
+        reasons.append(f"head size {q.shape[-1]} is not a multiple of 8")
+    major, minor = _capability(q.device)
+    if major < 8:
+        reasons.append(f"needs compute capability 8.0 or newer (this GPU: {major}.{minor})")
+    if not torch.backends.cuda.flash_sdp_enabled():
+        reasons.append("torch's flash kernel is disabled (torch.backends.cuda.enable_flash_sdp(False))")
+    return reasons
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (host reads would be replayed stale)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _common_refusals(req: AttentionRequest) -> list[str]:
+    m = req.masks
+    reasons = input_refusals(req.q_BTNH, req.v_BSNH)
+    if req.need_scores:
+        reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if m.q_seg_BT is not None:
         reasons.append("segment ids (packed documents) need a dense mask here; flash-attn takes only causal and padding")
     if m.dense_BNTS is not None:
         reasons.append("an attention_mask (or a non-rank-3 layout) needs a dense (T, S) mask; flash-attn takes only causal and padding")
-    if (m.causal or m.window is not None) and m.q_offset != req.S - req.T:
+    rel = m.relation((0, req.T), (0, req.S))
+    if (m.causal or m.window is not None) and not rel.bottom_right and rel.kind != FULL:
         reasons.append("flash-attn aligns causal/window masks bottom-right (query i at key i + S - T); this call "
                        f"puts query 0 at key {m.q_offset} (Keras: top-left), and S - T = {req.S - req.T}")
     if (m.causal or m.window is not None) and m.k_keep_BS is not None:
         reasons.append("causal/window with key padding would shift positions after unpadding")
+    if m.k_keep_BS is not None and capturing():
+        reasons.append("key padding is unpadded with indices read on the host, which a captured CUDA graph "
+                       "would replay stale (pass no value_mask inside the capture, or capture SDPA)")
     if req.dropout_p > 0 and req.dropout_keep is not None:
         reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
     return reasons
@@ -151,16 +190,30 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _unpad_plan(k_keep_BS: torch.Tensor):
+    """`(cu_seqlens_k (B+1,) int32, kept key indices (nnz,), live rows (B, 1, 1))`, made once per mask.
+
+    A batch row with no key at all would give flash-attn a zero-length
+    sequence; it sees key 0 instead and its output is zeroed.
+    """
+    live_B11 = live_rows(k_keep_BS[:, None, None, :], 1)
+    k_keep = k_keep_BS.clone()
+    k_keep[:, 0] |= ~live_B11[:, 0, 0]
+    cu_k = torch.nn.functional.pad(k_keep.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return cu_k, k_keep.flatten().nonzero().flatten(), live_B11
+
+
 def run(req: AttentionRequest):
     """Returns `(out_BTNH, None)`."""
     variant, reasons = choose(req)
     if variant is None:
         raise ValueError(f"flash-attn cannot serve this call: {', '.join(reasons)}")
     m = req.masks
-    kwargs = dict(softmax_scale=req.scale, causal=m.causal)
+    rel = m.relation((0, req.T), (0, req.S))
+    kwargs = dict(softmax_scale=req.scale, causal=m.causal and rel.kind != FULL)
     if req.dropout_p > 0:
         kwargs["dropout_p"] = req.dropout_p
-    if m.window is not None:
+    if m.window is not None and rel.kind != FULL:
         kwargs["window_size"] = (m.window - 1, m.window - 1)
     q, k, v = (_last_dim_contiguous(t) for t in (req.q_BTNH, req.k_BSNH, req.v_BSNH))
     keep = None if m.q_keep_BT is None else m.q_keep_BT[:, :, None, None]
@@ -171,16 +224,9 @@ def run(req: AttentionRequest):
 
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]  # K key/value heads: flash-attn reads grouped K/V natively
-    k_keep = m.k_keep_BS
-    live_B = k_keep.any(dim=1)
-    # A batch row with no key at all would give flash-attn a zero-length
-    # sequence; let it see key 0 and zero its output instead.
-    k_keep = k_keep.clone()
-    k_keep[:, 0] |= ~live_B
-    live = live_B[:, None, None, None]
+    cu_k, idx, live_B11 = mask_cache.cached("flash_unpad", (m.k_keep_BS,), (), lambda: _unpad_plan(m.k_keep_BS))
+    live = rows_BTN1(live_B11)
     keep = live if keep is None else keep & live
-    cu_k = torch.nn.functional.pad(k_keep.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-    idx = k_keep.flatten().nonzero().flatten()
     k_nnz = k.reshape(B * S, K, H).index_select(0, idx)
     v_nnz = v.reshape(B * S, K, v.shape[-1]).index_select(0, idx)
     cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.attention.kernels.request import AttentionRequest
+from dist_mha.attention.kernels.request import AttentionRequest, repeat_kv
 from dist_mha.rng.streams import dropout
 
 NAME = "math"
@@ -28,9 +28,8 @@ def run(req: AttentionRequest):
     q_BNTH = req.q_BTNH.transpose(1, 2)
     k_BKSH = req.k_BSNH.transpose(1, 2)
     v_BKSH = req.v_BSNH.transpose(1, 2)
-    g = req.groups
-    k_BNSH = k_BKSH if g == 1 else k_BKSH.repeat_interleave(g, dim=1)
-    v_BNSH = v_BKSH if g == 1 else v_BKSH.repeat_interleave(g, dim=1)
+    n = q_BNTH.shape[1]
+    k_BNSH, v_BNSH = repeat_kv(k_BKSH, n), repeat_kv(v_BKSH, n)
     # Keras scales the query before the product; same order, same rounding.
     scores_BNTS = torch.matmul(q_BNTH * req.scale, k_BNSH.transpose(-1, -2))
     mask = req.masks.combined(req.T, req.S, scores_BNTS.device)

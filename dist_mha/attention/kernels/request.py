@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mha.attention.masks import MaskSpec
+from dist_mha.attention.masks import MaskSpec, live_rows
 
 
 @dataclass
@@ -58,18 +58,33 @@ class AttentionRequest:
         return self.q_BTNH.shape[2] // self.k_BSNH.shape[2]
 
 
-def mask_with_live_rows(mask_BNTS: torch.Tensor):
+def repeat_kv(x_BKSH: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """Grouped K/V `(.., K, ..)` repeated to `n` heads along `dim` (query head i reads K/V head i // (n / K))."""
+    g = n // x_BKSH.shape[dim]
+    return x_BKSH if g == 1 else x_BKSH.repeat_interleave(g, dim=dim)
+
+
+def mask_with_live_rows(mask_BNTS: torch.Tensor, T: int, is_causal: bool = False):
     """Makes a mask safe for kernels that would return NaN on fully masked rows.
 
     Returns:
-        `(safe_mask, live_BTN1)`: the mask with fully masked rows opened up
+        `(safe_mask, keep_BTN1)`: the mask with fully masked rows opened up
         (so the kernel computes something finite there), and a bool tensor,
-        broadcastable to the output `(B, T, N, Hv)`, that is False on those rows.
-        The caller zeroes the output there, which is dist_mha's convention for
-        rows with nothing to attend to.
+        broadcastable to the output `(B, T, N, Hv)`, that is False on those
+        rows (None when every row sees a key, checked on CPU in eager mode
+        only: elsewhere reading the answer would wait for the device or
+        break a compiled graph). The caller zeroes the output there, which is
+        dist_mha's convention for rows with nothing to attend to.
     """
-    live_BNT1 = mask_BNTS.any(dim=-1, keepdim=True)
-    return mask_BNTS | ~live_BNT1, live_BNT1.transpose(1, 2)
+    live_BNT = live_rows(mask_BNTS, T, is_causal)
+    if mask_BNTS.device.type == "cpu" and not torch.compiler.is_compiling() and bool(live_BNT.all()):
+        return mask_BNTS, None
+    return mask_BNTS | ~live_BNT[..., None], rows_BTN1(live_BNT)
+
+
+def rows_BTN1(rows_BNT: torch.Tensor) -> torch.Tensor:
+    """Per-row flags `(B|1, N|1, T|1)` -> broadcastable to an output `(B, T, N, Hv)`."""
+    return rows_BNT.transpose(1, 2)[..., None]
 
 
 def zero_rows(out_BTNH: torch.Tensor, keep) -> torch.Tensor:

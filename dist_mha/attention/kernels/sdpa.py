@@ -33,11 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dist_mha.attention.kernels.request import (
-    AttentionRequest,
-    mask_with_live_rows,
-    zero_rows,
-)
+from dist_mha.attention.blocks import CAUSAL
+from dist_mha.attention.kernels.request import AttentionRequest, mask_with_live_rows, repeat_kv, zero_rows
 from dist_mha.rng.streams import forked
 
 NAME = "sdpa"
@@ -87,44 +84,24 @@ def refusals(req: AttentionRequest) -> list[str]:
     return reasons
 
 
-def _all_rows_live(masks) -> bool:
-    """True when key padding alone masks and every batch row keeps a key (no row needs zeroing).
-
-    Checked on CPU only, in eager mode: on CUDA reading the answer would wait
-    for the GPU, and under torch.compile it would break the graph.
-    """
-    if masks.dense_BNTS is not None or masks.causal or masks.window is not None or masks.k_keep_BS is None \
-            or masks.q_seg_BT is not None:
-        return False
-    if masks.k_keep_BS.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return bool(masks.k_keep_BS.any(dim=1).all())
-
-
 def run(req: AttentionRequest):
     """Returns `(out_BTNH, None)`."""
-    masks = req.masks
+    device = req.q_BTNH.device
+    rel, mask = req.masks.block((0, req.T), (0, req.S), device)
+    is_causal = rel.kind == CAUSAL
+    if is_causal and mask is not None:  # SDPA takes a causal flag or a mask, not both
+        mask, is_causal = mask & rel.mask(device), False
     keep = None
-    causal_alone = masks.causal and masks.dense_BNTS is None and masks.k_keep_BS is None and masks.window is None \
-        and masks.q_seg_BT is None
-    if causal_alone and masks.q_offset >= req.S - 1:
-        # Every query sees every key (one decoding step over a KV cache).
-        mask, is_causal = None, False
-    elif causal_alone and masks.q_offset == 0:
-        # Top-left aligned like Keras; query padding is applied to the rows below.
-        mask, is_causal = None, True
-    else:
-        mask, is_causal = masks.combined(req.T, req.S, req.q_BTNH.device, include_query=False), False
-    if mask is not None and not _all_rows_live(masks):
-        mask, keep = mask_with_live_rows(mask)
+    if mask is not None:
+        mask, keep = mask_with_live_rows(mask, req.T)
     k_BKSH, v_BKSH = req.k_BSNH.transpose(1, 2), req.v_BSNH.transpose(1, 2)
     gqa = {}
     if req.groups > 1:
         if _HAS_ENABLE_GQA:
             gqa = {"enable_gqa": True}
         else:
-            k_BKSH, v_BKSH = (t.repeat_interleave(req.groups, dim=1) for t in (k_BKSH, v_BKSH))
-    with _backend_context(req.q_BTNH.device, req.S, mask is not None, req.dropout_p), forked(req):
+            k_BKSH, v_BKSH = (repeat_kv(t, req.q_BTNH.shape[2]) for t in (k_BKSH, v_BKSH))
+    with _backend_context(device, req.S, mask is not None, req.dropout_p), forked(req):
         out_BNTH = F.scaled_dot_product_attention(
             req.q_BTNH.transpose(1, 2),
             k_BKSH,
@@ -135,7 +112,7 @@ def run(req: AttentionRequest):
             scale=req.scale,
             **gqa,
         )
-    if masks.q_keep_BT is not None:
-        q_keep = masks.q_keep_BT[:, :, None, None]
+    if req.masks.q_keep_BT is not None:
+        q_keep = req.masks.q_keep_BT[:, :, None, None]
         keep = q_keep if keep is None else keep & q_keep
     return zero_rows(out_BNTH.transpose(1, 2), keep), None

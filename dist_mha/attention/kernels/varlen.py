@@ -22,28 +22,31 @@ band. Three decompositions, tried in order:
 
 Query padding zeroes output rows, as everywhere. The plan is read from the
 masks on the host: free on CPU; on CUDA one synchronisation per distinct
-mask, since plans are cached by the mask tensors' identity and version, so
-the layers of one forward pass share one read (eager mode only: under
-torch.compile the read would break the graph). An attention_mask, returned
-scores or TP-invariant dropout need the dense paths.
+mask, since plans are cached by the mask tensors' identity and version
+(`mask_cache`), so the layers of one forward pass share one read, and the
+gathered-key index tensors are built once per plan. Under torch.compile the
+read would break the graph, and inside a CUDA-graph capture the plan would
+be replayed stale for other masks: both are refused. An attention_mask,
+returned scores or TP-invariant dropout need the dense paths.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from dist_mha.attention.blocks import CAUSAL, relation
+from dist_mha.attention.kernels import mask_cache
+from dist_mha.attention.kernels.flash import capturing
 from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
-from dist_mha.attention.masks import positional_mask
 from dist_mha.rng.streams import forked
 
 NAME = "varlen"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sequence:
     """Query rows `[q0, q1)` of batch row `b` against keys `[k0, k1)` (or the gathered `keys`)."""
 
@@ -52,7 +55,7 @@ class Sequence:
     q1: int
     k0: int
     k1: int
-    keys: tuple | None = None  # explicit key indices (pattern 3)
+    keys: torch.Tensor | None = None  # explicit key indices on the inputs' device (pattern 3), made once per plan
 
 
 def _runs(row: list[int]) -> dict[int, tuple[int, int]] | None:
@@ -80,32 +83,16 @@ def _range(keep: list[bool]) -> tuple[int, int] | None:
     return (idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else None
 
 
-_PLANS: dict = {}  # mask identity -> (weak references, plan); the layers of a model see the same masks
-_PLANS_MAX = 16
-
-
-def _identity(t):
-    # The object id alone could be reused by a new tensor; the weak reference below rules that out.
-    return None if t is None else (id(t), t._version)
-
-
 def plan(req: AttentionRequest) -> tuple[list[Sequence] | None, str]:
     """The sequences of `req`, or `(None, why not)`; cached on `req` and by the masks' identity."""
     cached = getattr(req, "_varlen_plan", None)
     if cached is not None:
         return cached
     m = req.masks
-    masks = (m.q_keep_BT, m.k_keep_BS, m.q_seg_BT, m.k_seg_BS)
-    key = (*(_identity(t) for t in masks), m.dense_BNTS is None, req.q_BTNH.shape[0], req.T, req.S, m.causal,
-           m.window, m.q_offset)
-    hit = _PLANS.get(key)
-    if hit is not None and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[0], masks)):
-        result = hit[1]
-    else:
-        result = _plan(req)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = (tuple(None if t is None else weakref.ref(t) for t in masks), result)
+    extra = (m.dense_BNTS is None, req.q_BTNH.shape[0], req.T, req.S, m.causal, m.window, m.q_offset,
+             str(req.q_BTNH.device))
+    result = mask_cache.cached("varlen", (m.q_keep_BT, m.k_keep_BS, m.q_seg_BT, m.k_seg_BS), extra,
+                               lambda: _plan(req))
     req._varlen_plan = result
     return result
 
@@ -147,7 +134,8 @@ def _plan(req):
                 if k1 > k0 and q1 > q0], "contiguous padding"
     if m.causal or m.window is not None:
         return None, "causal/window with non-contiguous key padding would shift positions"
-    return [Sequence(b, q0, q1, 0, S, tuple(i for i, k in enumerate(row) if k))
+    device = req.q_BTNH.device
+    return [Sequence(b, q0, q1, 0, S, torch.tensor([i for i, k in enumerate(row) if k], device=device))
             for b, (row, (q0, q1)) in enumerate(zip(keep, q_spans)) if any(row) and q1 > q0], "gathered keys"
 
 
@@ -162,7 +150,7 @@ MIN_SAVED_PER_CALL = 300_000
 
 def _pairs(seq: Sequence, causal: bool) -> int:
     lq = seq.q1 - seq.q0
-    lk = len(seq.keys) if seq.keys is not None else seq.k1 - seq.k0
+    lk = seq.keys.numel() if seq.keys is not None else seq.k1 - seq.k0
     if not causal:
         return lq * lk
     # Query i sees min(lk, max(0, i + a)) keys, a = offset + 1: zeros, a ramp, then full rows.
@@ -190,6 +178,8 @@ def refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     if torch.compiler.is_compiling():
         reasons.append("under torch.compile the plan (read from mask values) would break the graph")
+    if capturing():
+        reasons.append("inside a CUDA-graph capture the plan (read from mask values) would be replayed stale")
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if req.dropout_p > 0 and req.dropout_keep is not None:
@@ -206,24 +196,18 @@ def _attend(q_1TNH, k_1SKH, v_1SKH, req, seq):
     m = req.masks
     T, S = q_1TNH.shape[1], k_1SKH.shape[1]
     offset = seq.q0 - seq.k0 if seq.keys is None else 0
-    mask, is_causal = None, False
-    if m.causal or m.window is not None:
-        if m.causal and m.window is None and offset == 0:
-            is_causal = True
-        elif m.causal and m.window is None and offset >= S - 1:
-            pass  # every query sees every key of the sequence
-        else:
-            mask = positional_mask(T, S, m.causal, m.window, q_1TNH.device, offset)
+    rel = relation(offset, offset + T, 0, S, m.causal, m.window)
+    is_causal = rel.kind == CAUSAL
+    mask = None if is_causal else rel.mask(q_1TNH.device)
     gqa = {"enable_gqa": True} if req.groups > 1 else {}
     out = F.scaled_dot_product_attention(
         q_1TNH.transpose(1, 2), k_1SKH.transpose(1, 2), v_1SKH.transpose(1, 2), attn_mask=mask,
         dropout_p=req.dropout_p, is_causal=is_causal, scale=req.scale, **gqa)
     out = out.transpose(1, 2)
-    if mask is not None:
+    lo, hi = rel.live_rows()
+    if (lo, hi) != (0, T):
         # Rows the window or an offset leaves without a key: zero context (SDPA would give NaN or a mean).
-        live = mask.any(dim=-1)
-        if not bool(live.all()):
-            out = zero_rows(out, live[None, :, None, None])
+        out = torch.cat([out.new_zeros(1, lo, *out.shape[2:]), out[:, lo:hi], out.new_zeros(1, T - hi, *out.shape[2:])], 1)
     return out
 
 
@@ -240,8 +224,7 @@ def run(req: AttentionRequest):
             if seq.keys is None:
                 k_s, v_s = k[b:b + 1, seq.k0:seq.k1], v[b:b + 1, seq.k0:seq.k1]
             else:
-                idx = torch.tensor(seq.keys, device=k.device)
-                k_s, v_s = k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx)
+                k_s, v_s = k[b:b + 1].index_select(1, seq.keys), v[b:b + 1].index_select(1, seq.keys)
             rows[b].append((seq.q0, seq.q1, _attend(q[b:b + 1, seq.q0:seq.q1], k_s, v_s, req, seq)))
     out_rows = []
     for b in range(B):

@@ -26,19 +26,11 @@ modes (`cp_mode`):
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from dist_mha.parallel.collectives import gather_from_tp
+from dist_mha.parallel.groups import rank_of, size_of
 
 CP_MODES = ("ring", "ulysses")
-
-
-def cp_size_of(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def cp_rank_of(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def chunk_ranges(length: int, p: int, r: int) -> list[tuple[int, int]]:
@@ -55,7 +47,7 @@ def chunk_ranges(length: int, p: int, r: int) -> list[tuple[int, int]]:
 
 def positions(length: int, cp_group, device=None) -> torch.Tensor:
     """Global positions (int64) of this rank's part of a sequence of `length`, in local order."""
-    p, r = cp_size_of(cp_group), cp_rank_of(cp_group)
+    p, r = size_of(cp_group), rank_of(cp_group)
     if p == 1:
         return torch.arange(length, device=device)
     return torch.cat([torch.arange(a, b, device=device) for a, b in chunk_ranges(length, p, r)])
@@ -81,10 +73,10 @@ def shard_sequence(x: torch.Tensor, cp_group, dim: int = 1) -> torch.Tensor:
     >>> y_local = layer(x_local, x_local, use_causal_mask=True)
     >>> y = gather_sequence(y_local, cp_group)           # (B, T, E)
     """
-    p = cp_size_of(cp_group)
+    p = size_of(cp_group)
     if p == 1:
         return x
-    (a0, a1), (b0, b1) = chunk_ranges(x.shape[dim], p, cp_rank_of(cp_group))
+    (a0, a1), (b0, b1) = chunk_ranges(x.shape[dim], p, rank_of(cp_group))
     return torch.cat([x.narrow(dim, a0, a1 - a0), x.narrow(dim, b0, b1 - b0)], dim=dim)
 
 
@@ -94,7 +86,7 @@ def gather_sequence(y: torch.Tensor, cp_group, dim: int = 1) -> torch.Tensor:
     One all-gather; differentiable for a replicated use of the result (the
     backward keeps this rank's part of the gradient).
     """
-    p = cp_size_of(cp_group)
+    p = size_of(cp_group)
     if p == 1:
         return y
     if y.shape[dim] % 2:
@@ -112,7 +104,7 @@ def check_cp_layer(layer, cp_group, cp_mode) -> None:
     if cp_mode not in CP_MODES:
         raise ValueError(f"Received an invalid value for argument `cp_mode`, expected one of {CP_MODES}. "
                          f"Received: cp_mode={cp_mode!r}")
-    p = cp_size_of(cp_group)
+    p = size_of(cp_group)
     if p == 1:
         return
     if layer.sequence_parallel and layer.tp_size > 1:

@@ -10,22 +10,25 @@ rows arrive in rank order (each rank's two chunks, see context.py) and are
 put in natural order, so the local kernel (flash-attn, SDPA with `is_causal`,
 or math) sees an ordinary sequence with global masks. One all-to-all brings
 the output back to `(B, t, n, Hv)`. Key/value heads: all-to-all when `k`
-divides by p; when p divides by k each rank needs one head, so K/V are
-all-gathered along the sequence and the head this rank's queries read is kept.
-The collectives are autograd twins (`all_to_all_tp`, `gather_from_sp`).
+divides by p; when p divides by k each rank needs one head, so every rank
+sends each peer that peer's head of its rows (one all-to-all of one head per
+peer, not an all-gather of all k). The collectives are autograd twins
+(`all_to_all_tp`: the backward sums the gradients of a head sent to several
+peers).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_mha.parallel.collectives import all_to_all_tp, gather_from_sp
-from dist_mha.parallel.cp.layout import chunk_ranges, cp_rank_of, cp_size_of
+from dist_mha.parallel.collectives import all_to_all_tp
+from dist_mha.parallel.cp.layout import chunk_ranges
+from dist_mha.parallel.groups import size_of
 
 
 def _order(length, group, device):
     """`(to_natural, to_gathered)` index vectors for rows gathered in rank order."""
-    p = cp_size_of(group)
+    p = size_of(group)
     gathered = torch.cat([torch.arange(a, b, device=device) for r in range(p) for a, b in chunk_ranges(length, p, r)])
     return torch.argsort(gathered), gathered
 
@@ -44,15 +47,16 @@ def gather_heads(x_BTNH, group, to_gathered):
 def kv_heads(x_BsKH, group, to_natural, query_heads: int):
     """Key/value `(B, s, k, H)` -> `(B, S, k', H)` for this rank's n/p query heads.
 
-    `k % p == 0`: an all-to-all (k/p heads each). Otherwise (`p % k == 0`) an
-    all-gather of the sequence, keeping the one head this rank's queries read.
+    `k % p == 0`: an all-to-all (k/p heads each). Otherwise (`p % k == 0`)
+    rank d needs the one head its query heads read, `(d * n/p) // (n/k)`:
+    each rank lays out that head of its rows for every d and the all-to-all
+    delivers `(B, S, 1, H)`.
     """
-    p, r, k = cp_size_of(group), cp_rank_of(group), x_BsKH.shape[2]
+    p, k = size_of(group), x_BsKH.shape[2]
     if k % p == 0:
         return scatter_heads(x_BsKH, group, to_natural)
-    full = gather_from_sp(group, x_BsKH, 1).index_select(1, to_natural)  # (B, S, k, H), natural order
-    head = (r * (query_heads // p)) // (query_heads // k)
-    return full[:, :, head:head + 1]
+    wanted = torch.tensor([(d * (query_heads // p)) // (query_heads // k) for d in range(p)], device=x_BsKH.device)
+    return scatter_heads(x_BsKH.index_select(2, wanted), group, to_natural)
 
 
 def orders(T: int, S: int, group, device):

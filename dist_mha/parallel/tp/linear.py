@@ -8,30 +8,35 @@ taking a replicated input (or gathering a sequence-sharded one) and giving a
 feature-sharded output. `RowParallelLinear` takes that feature-sharded input
 (weight `(O, I/tp)`), sums the ranks' partial outputs and adds the replicated
 bias once. Their weights are initialised blockwise from the global shape
-(Keras glorot_uniform, zero bias), so results do not depend on the TP degree.
+(Keras's glorot_uniform through the counter RNG, zero bias), so results do not
+depend on the TP degree.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.keras_objects import initializers
 from dist_mha.parallel import region
+from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
-from dist_mha.parallel.tp import reshard, sharding
+from dist_mha.parallel.groups import rank_of, size_of
+from dist_mha.parallel.tp import reshard
 from dist_mha.parallel.tp.grads import mark_sharded
+from dist_mha.rng import counter
 
 
 class _ParallelLinear(nn.Module):
     shard_dim = 0  # of the weight
 
     def __init__(self, in_features, out_features, *, bias=True, tp_group=None, sequence_parallel=False,
-                 device=None, dtype=None, salt=0):
+                 device=None, dtype=None, salt=0, init_base=None):
         super().__init__()
         self.tp_group = tp_group
-        self.tp_size, self.tp_rank = sharding.tp_size_of(tp_group), sharding.tp_rank_of(tp_group)
+        self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel
         units = out_features if self.shard_dim == 0 else in_features
         if units % self.tp_size:
@@ -45,12 +50,12 @@ class _ParallelLinear(nn.Module):
         local = list(global_shape)
         local[self.shard_dim] //= self.tp_size
         index = (slice(None),) * self.shard_dim + (slice(self.tp_rank * local[self.shard_dim], (self.tp_rank + 1) * local[self.shard_dim]),)
-        base = sharding.agreed_random_base(tp_group, device)
-        w = initializers.GlorotUniform()(global_shape, dtype, device=device, fan_in=in_features,
-                                         fan_out=out_features, salt=salt, base_seed=base, index=index)
-        self.weight = nn.Parameter(w)
+        base = agreed_random_base(tp_group) if init_base is None else init_base
+        limit = math.sqrt(6.0 / (in_features + out_features))  # Keras's glorot_uniform
+        u = counter.uniform(counter.mix64(base, salt), global_shape, index, device=device)
+        self.weight = nn.Parameter(((u * 2.0 - 1.0) * limit).to(dtype or torch.get_default_dtype()))
         bias_local = out_features // self.tp_size if self.shard_dim == 0 else out_features
-        self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=w.dtype)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=self.weight.dtype)) if bias else None
         mark_sharded(self.weight, self.bias if self.shard_dim == 0 else None)
 
     def get_extra_state(self):
@@ -73,6 +78,10 @@ class ColumnParallelLinear(_ParallelLinear):
         tp_group: process group, or None.
         sequence_parallel: the input is sharded on dim 1 and gathered here.
         device, dtype: of the parameters.
+        salt: tells apart the weights that share `init_base`.
+        init_base: the seed of the initial weights, equal on every rank that
+            replicates the model (a block passes the one it agreed over TP x CP);
+            None: `agreed_random_base(tp_group)`, rank 0's draw from torch's RNG.
     """
 
     shard_dim = 0
@@ -107,7 +116,7 @@ class ParallelLayerNorm(nn.LayerNorm):
     def __init__(self, normalized_shape, *, tp_group=None, sequence_parallel=False, **kwargs):
         super().__init__(normalized_shape, **kwargs)
         self.tp_group = tp_group
-        self.sequence_parallel = sequence_parallel and sharding.tp_size_of(tp_group) > 1
+        self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
 
     def forward(self, x):
         if not self.sequence_parallel:

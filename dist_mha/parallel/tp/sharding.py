@@ -25,14 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha.parallel.collectives import copy_to_kv_replicas, gather_from_tp, reduce_from_tp
-
-
-def tp_size_of(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def tp_rank_of(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+from dist_mha.parallel.groups import rank_of, size_of
 
 
 def valid_tp_sizes(num_heads: int, num_kv_heads: int | None = None) -> list[int]:
@@ -62,13 +55,13 @@ def check_heads_divisible(num_heads: int, tp_size: int, num_kv_heads: int | None
 
 def replicas_of(units: int, group) -> int:
     """Ranks holding each unit: `tp / units` when there are fewer units than ranks, else 1."""
-    tp = tp_size_of(group)
+    tp = size_of(group)
     return tp // units if units < tp else 1
 
 
 def head_range(units: int, group) -> tuple[int, int]:
     """`[start, stop)` of the units (heads) this rank holds along a sharded dim."""
-    tp, rank = tp_size_of(group), tp_rank_of(group)
+    tp, rank = size_of(group), rank_of(group)
     if units < tp:
         start = rank // (tp // units)
         return start, start + 1
@@ -78,7 +71,7 @@ def head_range(units: int, group) -> tuple[int, int]:
 
 def shard_index(global_shape, shard_dim, units, group):
     """The slices selecting this rank's block of a tensor sharded on `shard_dim` into `units`."""
-    if shard_dim is None or tp_size_of(group) == 1:
+    if shard_dim is None or size_of(group) == 1:
         return None
     h0, h1 = head_range(units, group)
     return (slice(None),) * shard_dim + (slice(h0, h1),)
@@ -91,25 +84,25 @@ def gather_full(t: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.T
     gradient reaches that replica only, so differentiate through
     `sync_replicas` (as `penalty` does) to keep the replicas' gradients equal.
     """
-    if shard_dim is None or tp_size_of(group) == 1:
+    if shard_dim is None or size_of(group) == 1:
         return t
     full = gather_from_tp(group, t, shard_dim)
     if replicas > 1:
-        full = torch.cat(full.chunk(tp_size_of(group), dim=shard_dim)[::replicas], dim=shard_dim)
+        full = torch.cat(full.chunk(size_of(group), dim=shard_dim)[::replicas], dim=shard_dim)
     return full
 
 
 def own_slice(full: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.Tensor:
     """This rank's block of a full tensor (the inverse of `gather_full`)."""
-    if shard_dim is None or tp_size_of(group) == 1:
+    if shard_dim is None or size_of(group) == 1:
         return full
-    world, rank = tp_size_of(group), tp_rank_of(group)
+    world, rank = size_of(group), rank_of(group)
     return full.chunk(world // replicas, dim=shard_dim)[rank // replicas]
 
 
 def sync_replicas(group, replicas: int, *params):
     """`params` as used in a forward pass: their gradients are summed across replicas (identity at 1)."""
-    if replicas <= 1 or tp_size_of(group) == 1:
+    if replicas <= 1 or size_of(group) == 1:
         return params if len(params) > 1 else params[0]
     return copy_to_kv_replicas(group, replicas, *params)
 
@@ -123,7 +116,7 @@ def penalty(reg, t: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.
     gradients are summed; an activation needs no such step, since the
     gradients reach the weights, which are synced where they are used.
     """
-    if shard_dim is None or tp_size_of(group) == 1:
+    if shard_dim is None or size_of(group) == 1:
         return reg(t)
     if getattr(reg, "additive", False):
         own = reg(t)
@@ -133,7 +126,7 @@ def penalty(reg, t: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.
 
 def constrain(c, p: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.Tensor:
     """Applies constraint `c` to a (possibly sharded) weight, reducing norms that span shards."""
-    if shard_dim is None or tp_size_of(group) == 1:
+    if shard_dim is None or size_of(group) == 1:
         return c(p)
     if getattr(c, "needs_norm", True):
         axis = getattr(c, "axis", None)
@@ -150,113 +143,3 @@ def constrain(c, p: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.
 
             return c(p, allreduce_sum=allreduce_sum)
     return c(p)
-
-
-def agreed_random_base(group, device=None) -> int:
-    """One draw from torch's global RNG, the same on every rank of `group` (its rank 0's).
-
-    Seeds everything a sharded module randomises, so that `torch.manual_seed`
-    governs it and TP=N draws exactly what TP=1 draws.
-    """
-    base = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    if tp_size_of(group) > 1:
-        if device is not None and torch.device(device).type == "cuda":
-            base, comm = base.to(device), group
-        else:
-            # Built without a CUDA device (e.g. eagerly, before `.to("cuda")`): an
-            # NCCL group rejects CPU tensors, so the draw travels on the group's gloo companion.
-            comm = cpu_group(group)
-        dist.broadcast(base, src=dist.get_global_rank(group, 0), group=comm)
-    return int(base.item())
-
-
-_CPU_GROUPS: dict = {}  # cache: TP ranks -> a gloo group over them (one per TP group, made once)
-
-
-def cpu_group(group):
-    """A gloo group over the ranks of `group` (the group itself when it is gloo).
-
-    The rank-agreement check runs there on CPU tensors, so it never waits for
-    the GPU: on an NCCL group a CUDA tensor read back would sync every call.
-    Created with local synchronisation, so only the group's ranks take part,
-    and with the group's own timeout (else torch's 30-minute default would let
-    a hung peer block the check that long).
-    """
-    if group is None or dist.get_backend(group) == "gloo":
-        return group
-    ranks = tuple(dist.get_process_group_ranks(group))
-    if ranks not in _CPU_GROUPS:
-        timeout = _timeout_of(group)
-        kwargs = {} if timeout is None else {"timeout": timeout}
-        _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True, **kwargs)
-    return _CPU_GROUPS[ranks]
-
-
-def _timeout_of(group):
-    """The collective timeout `group` was created with (None if torch does not say)."""
-    try:
-        for device in group._device_types:
-            return group._get_backend(device).options._timeout
-    except (AttributeError, RuntimeError, ValueError):
-        pass
-    return None
-
-
-def check_ranks_agree(group, values: list[int], names: list[str], shown: list[str] | None = None) -> None:
-    """Raises on every rank when the ranks of `group` disagree on `values`.
-
-    One all-reduce of `2 * len(values)` int64 (max of v and of -v); every
-    rank sees the same result, so all raise together instead of hanging in a
-    mismatched collective. `shown`: this rank's values as text for the
-    message (dtype names, mask shapes), parallel to `values`.
-    """
-    # Kept flat (no helper calls after the read-back): under torch.compile the
-    # `.tolist()` is the call's one graph break, and each nested frame would add one.
-    v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
-    both = torch.cat([v, -v])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = both[: len(values)], -both[len(values) :]
-    hi, lo = hi.tolist(), lo.tolist()
-    bad = [i for i in range(len(values)) if hi[i] != lo[i]]
-    if bad:
-        _disagree(group, values, names, shown, bad)
-
-
-class PendingAgreement:
-    """A rank-agreement all-reduce in flight; `wait()` finishes it and raises on disagreement."""
-
-    def __init__(self, group, values, names, shown, both, work):
-        self.group, self.values, self.names, self.shown, self.both, self.work = group, values, names, shown, both, work
-
-    def wait(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        _raise_on_disagreement(self.group, self.values, self.names, self.shown, self.both)
-
-
-def start_ranks_agree(group, values: list[int], names: list[str], shown: list[str] | None = None) -> PendingAgreement:
-    """`check_ranks_agree` in two halves (eager mode): the all-reduce starts now (gloo runs it on its own
-    thread), and `wait()` on the result finishes it, so local work can overlap the round trip."""
-    v = torch.tensor(values, dtype=torch.int64)  # CPU: `group` must be a gloo group (see cpu_group)
-    both = torch.cat([v, -v])
-    work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True)
-    return PendingAgreement(group, values, names, shown, both, work)
-
-
-def _raise_on_disagreement(group, values, names, shown, both) -> None:
-    hi, lo = both[: len(values)], -both[len(values) :]
-    hi, lo = hi.tolist(), lo.tolist()
-    bad = [i for i in range(len(values)) if hi[i] != lo[i]]
-    if bad:
-        _disagree(group, values, names, shown, bad)
-
-
-def _disagree(group, values, names, shown, bad) -> None:
-    shown = shown or [str(x) for x in values]
-    raise ValueError(
-        f"Tensor-parallel ranks disagree on {', '.join(names[i] for i in bad)} (this rank, "
-        f"{tp_rank_of(group)}: {', '.join(f'{names[i]}={shown[i]}' for i in bad)}). "
-        "Every rank of a TP group must call the layer with inputs of the same shapes and dtypes and the "
-        "same call arguments (replicated inputs; sequence shards of equal size); masks too."
-    )
