@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 from dist_mha import MultiHeadAttention
 from dist_mha.parallel import agreement, groups
-from dist_mha.parallel.tp import sharding
 
 E = 12
 

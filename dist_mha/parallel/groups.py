@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+
 def size_of(group) -> int:
     """Ranks in `group`; 1 for None (no parallelism on that axis)."""
     return 1 if group is None else dist.get_world_size(group)
