@@ -170,6 +170,13 @@ def dtype_policy_config(dtype: torch.dtype) -> dict:
     }
 
 
+def shape_tuple(name: str, shape) -> tuple:
+    """A shape given as a sequence of ints/None, as a tuple (output-shape computations take any rank)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise _invalid(name, "a shape tuple such as (batch, seq, features)", shape)
+    return tuple(shape)
+
+
 def input_shape(name: str, shape) -> tuple:
     """A build shape: sequence of ints/None, rank >= 3, known feature dim."""
     received = shape

@@ -34,6 +34,7 @@ from dist_mha.rng.streams import InvariantKeep
 # blocks (five (B, n, t, s) float32 temporaries) are cut into query tiles that keep one block's
 # transient memory near this budget, so per-rank memory grows with T/cp, not (T/cp)^2.
 RING_TILE_BYTES = 64 * 2**20
+RING_MIN_TILE = 16  # rows: below this a tile's kernel launches cost more than its memory saves
 
 
 def attend(layer, req: AttentionRequest, h0: int, h1: int, T: int, S: int):
@@ -53,7 +54,7 @@ def _tile(kernels, m: MaskSpec, B: int, n: int, t: int, s: int) -> int | None:
     if not (varies or math_blocks):
         return None
     per_row = (5 * 4 * n if math_blocks else 5) * B * s  # bytes of one query row's block temporaries
-    return max(16, RING_TILE_BYTES // max(per_row, 1)) if per_row * t > RING_TILE_BYTES else None
+    return max(RING_MIN_TILE, RING_TILE_BYTES // max(per_row, 1)) if per_row * t > RING_TILE_BYTES else None
 
 
 def _ring(layer, req, h0, h1, T, S):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dist_mha.attention.segments import is_pair
 from dist_mha.parallel import agreement
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,8 +50,8 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
     """
     if m is None:
         return -1, 0, -1, "None"
-    if isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(x, torch.Tensor) for x in m):
-        shape = (tuple(m[0].shape), tuple(m[1].shape))  # segment ids of query and keys
+    if is_pair(m):
+        shape = (tuple(np.shape(m[0])), tuple(np.shape(m[1])))  # segment ids of query and keys
         return 2, hash(shape) & ((1 << 62) - 1), 1, str(shape)
     shape = tuple(np.shape(m)) if isinstance(m, (torch.Tensor, np.ndarray, list, tuple)) else ("not an array",)
     dtype = getattr(m, "dtype", None)
@@ -156,12 +157,19 @@ def check_inputs(layer, query, value, key):
                 f"Received an invalid value for argument `{name}`, expected a floating tensor "
                 f"(float16, bfloat16, float32, float64). Received: {name}.dtype={x.dtype}"
             )
-        if x.dim() < 3:
+        tensors.append(x)
+    value, key = tensors[1], tensors[2] if tensors[2] is not None else tensors[1]
+    if value.shape[1:-1] != key.shape[1:-1]:  # Keras checks this first (a key of another rank included)
+        raise ValueError(
+            "All dimensions of `value` and `key`, except the last one, must be equal. "
+            f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
+        )
+    for name, x in zip(("query", "value", "key"), tensors):
+        if x is not None and x.dim() < 3:
             raise ValueError(
                 f"Received an invalid value for argument `{name}`, expected a tensor of rank >= 3 "
                 f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
             )
-        tensors.append(x)
     compute = getattr(layer, "_compute_dtype", None)
     if compute is not None:
         # A Keras mixed policy casts floating inputs to its compute dtype (once per

@@ -163,15 +163,9 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         """Output shape (the query's); works unbuilt. Keras's checks and wording."""
         query_shape, value_shape = tuple(query_shape), tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
-        if query_shape[-1] != value_shape[-1]:
+        if query_shape[-1] != value_shape[-1]:  # Keras's first check, whatever `key_shape` is
             raise ValueError(
                 "The last dimension of `query_shape` and `value_shape` must be equal, but are "
                 f"{query_shape[-1]}, {value_shape[-1]}. Received: query_shape={query_shape}, value_shape={value_shape}"
             )
-        if value_shape[1:-1] != key_shape[1:-1]:
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, must be equal. "
-                f"Received: value_shape={value_shape} and key_shape={key_shape}"
-            )
-        return query_shape
+        return super().compute_output_shape(query_shape, value_shape, key_shape)

@@ -211,9 +211,8 @@ class KerasLayerAPI:
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         """Output shape for the given input shapes; works unbuilt, None dims pass through."""
-        query_shape = tuple(query_shape)
-        value_shape = tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
+        query_shape, value_shape = cfg.shape_tuple("query_shape", query_shape), cfg.shape_tuple("value_shape", value_shape)
+        key_shape = value_shape if key_shape is None else cfg.shape_tuple("key_shape", key_shape)
         if value_shape[1:-1] != key_shape[1:-1]:
             raise ValueError(
                 "All dimensions of `value` and `key`, except the last one, must be equal. "

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dist_mha.attention.kernels.flash import torch_flash_refusals
+from dist_mha.attention.kernels import flash
 from dist_mha.attention.kernels.request import repeat_kv
 from dist_mha.attention.masks import live_rows
 
@@ -82,21 +82,21 @@ def _efficient_refusals(q, v) -> list[str]:
         reasons.append(f"dtype {q.dtype}: the memory-efficient kernel takes float16/bfloat16/float32")
     if q.shape[-1] % 8 or v.shape[-1] % 8:
         reasons.append(f"head sizes {q.shape[-1]}/{v.shape[-1]}: the memory-efficient kernel takes multiples of 8")
-    if not torch.backends.cuda.mem_efficient_sdp_enabled():
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():  # the user's switch for this kernel
         reasons.append("torch's memory-efficient kernel is disabled")
     return reasons
 
 
 def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None, flash_attention=None) -> Kernels:
     """The `Kernels` for the blocks of one ring call."""
-    device = q_BNTH.device.type
+    device = "cuda" if flash._is_cuda(q_BNTH) else q_BNTH.device.type
     common = []
     if dropout:
         common.append("dropout masks must be replayed in the backward (the math blocks take them explicitly)")
     if forced == "math":
         common.append("attention_backend='math'")
     if device == "cuda":
-        flash_no = common + torch_flash_refusals(q_BNTH, v_BKSH, flash_attention)
+        flash_no = common + flash.torch_flash_refusals(q_BNTH, v_BKSH, flash_attention)
         eff_no = common + _efficient_refusals(q_BNTH, v_BKSH)
         unmasked = "cuda_flash" if not flash_no else "cuda_efficient" if not eff_no else "math"
         masked = "cuda_efficient" if not eff_no else "math"

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_mha.attention.blocks import CAUSAL, relation
-from dist_mha.attention.kernels import mask_cache
-from dist_mha.attention.kernels.flash import capturing
+from dist_mha.attention.kernels import flash, mask_cache
 from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
 from dist_mha.rng.streams import forked
 
@@ -178,7 +177,7 @@ def refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     if torch.compiler.is_compiling():
         reasons.append("under torch.compile the plan (read from mask values) would break the graph")
-    if capturing():
+    if flash.capturing():
         reasons.append("inside a CUDA-graph capture the plan (read from mask values) would be replayed stale")
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
