@@ -34,11 +34,9 @@ def test_weights_agree_over_tp_x_cp_whatever_each_rank_was_seeded(rank_pool):
         assert equal == {"layer": True, "block": True, "model": True}, equal
 
 
-def test_ring_under_autocast_is_as_accurate_as_without_cp(rank_pool):
-    for errors in rank_pool.run(sweep_tasks.autocast_gradient_errors):
-        # The bf16 projections set the error; the ring's blocks and merge run in float32 and add nothing
-        # (before: bf16 block scores, recomputed in float32 against that LSE: ~7x the error).
-        assert errors["ring"] < 1.5 * errors["plain"] + 1e-6, errors
+def test_ring_blocks_compute_the_same_inside_and_outside_autocast(rank_pool):
+    for same_output, same_grad in rank_pool.run(sweep_tasks.ring_under_autocast):
+        assert same_output and same_grad
 
 
 def test_step_counts_never_reach_an_nccl_group_as_cpu_tensors(rank_pool):
