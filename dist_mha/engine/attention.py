@@ -73,22 +73,7 @@ class AttentionCore(DropoutStreams, nn.Module):
         self._kernel_regularizer, self._bias_regularizer = kernel_regularizer, bias_regularizer
         self._activity_regularizer = activity_regularizer
         self._kernel_constraint, self._bias_constraint = kernel_constraint, bias_constraint
-        self.tp_group = cfg.process_group("tp_group", tp_group)
-        self.tp_size = groups.size_of(self.tp_group)
-        self.tp_rank = groups.rank_of(self.tp_group)
-        sharding.check_heads_divisible(num_heads, self.tp_size, num_kv_heads)
-        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
-        if dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
-        self.dropout_mode = dropout_mode
-        self.cp_group = cfg.process_group("cp_group", cp_group)
-        self.cp_size, self.cp_rank = groups.size_of(self.cp_group), groups.rank_of(self.cp_group)
-        self.cp_mode = cp_mode
-        cp_layout.check_cp_layer(self, self.cp_group, cp_mode)
-        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
-        # The rank-agreement check runs on gloo companions of the TP and CP groups.
-        self._check_groups = [groups.cpu_group(g) for g, n in ((self.tp_group, self.tp_size),
-                                                                 (self.cp_group, self.cp_size)) if n > 1]
+        self._init_parallel(tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks)
         self.name = name or layer_name
         self._param_dtype = cfg.param_dtype(dtype)
         self._compute_dtype = cfg.compute_dtype(dtype)  # Keras mixed policies: inputs are cast to it
@@ -106,6 +91,24 @@ class AttentionCore(DropoutStreams, nn.Module):
             self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
         elif value_shape is not None or key_shape is not None:
             raise ValueError("Received `value_shape`/`key_shape` without `query_shape`; pass query_shape too to build eagerly.")
+
+    def _init_parallel(self, tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks):
+        """The TP and CP groups and modes, checked before any collective."""
+        self.tp_group = cfg.process_group("tp_group", tp_group)
+        self.tp_size, self.tp_rank = groups.size_of(self.tp_group), groups.rank_of(self.tp_group)
+        sharding.check_heads_divisible(self._num_heads, self.tp_size, self._num_kv_heads)
+        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        self.cp_group = cfg.process_group("cp_group", cp_group)
+        self.cp_size, self.cp_rank = groups.size_of(self.cp_group), groups.rank_of(self.cp_group)
+        self.cp_mode = cp_mode
+        cp_layout.check_cp_layer(self, self.cp_group, cp_mode)
+        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
+        # The rank-agreement check runs on gloo companions of the TP and CP groups.
+        self._check_groups = [groups.cpu_group(g) for g, n in ((self.tp_group, self.tp_size),
+                                                                 (self.cp_group, self.cp_size)) if n > 1]
 
     # -- build ----------------------------------------------------------------
     def build(self, query_shape, value_shape, key_shape=None):

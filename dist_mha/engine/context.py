@@ -28,7 +28,7 @@ from dist_mha.attention.kernels.request import zero_rows
 from dist_mha.attention.masks import MaskSpec
 from dist_mha.parallel.cp import ring, ulysses
 from dist_mha.parallel.cp.layout import positions
-from dist_mha.rng.streams import InvariantKeep
+from dist_mha.rng.invariant import InvariantKeep
 
 # Ring blocks whose masks vary along the queries (packed documents, an attention_mask) and math
 # blocks (five (B, n, t, s) float32 temporaries) are cut into query tiles that keep one block's

@@ -139,8 +139,8 @@ class _PendingCheck:
             _explain_disagreement(first)
 
 
-def check_inputs(layer, query, value, key):
-    """Converts and validates `query`, `value`, `key`; builds the layer on first use."""
+def _as_tensors(query, value, key) -> list:
+    """`[query, value, key or None]` as floating tensors of rank >= 3, checked in Keras's order."""
     tensors = []
     for name, x in (("query", query), ("value", value), ("key", key)):
         if x is None:
@@ -159,7 +159,7 @@ def check_inputs(layer, query, value, key):
             )
         tensors.append(x)
     value, key = tensors[1], tensors[2] if tensors[2] is not None else tensors[1]
-    if value.shape[1:-1] != key.shape[1:-1]:  # Keras checks this first (a key of another rank included)
+    if value.shape[:-1] != key.shape[:-1]:  # Keras checks this first (a key of another rank included)
         raise ValueError(
             "All dimensions of `value` and `key`, except the last one, must be equal. "
             f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
@@ -170,6 +170,32 @@ def check_inputs(layer, query, value, key):
                 f"Received an invalid value for argument `{name}`, expected a tensor of rank >= 3 "
                 f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
             )
+    return tensors
+
+
+def _check_against_layer(layer, query, value, key) -> None:
+    """The inputs fit the built layer: rank, feature sizes, batch dims, device."""
+    dq, dv, dk, rank = layer._built_dims
+    for name, x, d in (("query", query, dq), ("value", value, dv), ("key", key, dk)):
+        if x.dim() != rank or x.shape[-1] != d:
+            raise ValueError(
+                f"Received an invalid value for argument `{name}`: the layer was built for rank-{rank} "
+                f"inputs with {d} features, got shape {tuple(x.shape)}. Build a new layer for other shapes."
+            )
+    for d in (d for d in range(rank - 1) if d not in layer._attention_axes):
+        if query.shape[d] != value.shape[d]:
+            raise ValueError(
+                f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
+                f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
+            )
+    kernel = layer._modules["query"].kernel
+    if kernel.device != query.device:
+        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
+
+
+def check_inputs(layer, query, value, key):
+    """Converts and validates `query`, `value`, `key`; builds the layer on first use."""
+    tensors = _as_tensors(query, value, key)
     compute = getattr(layer, "_compute_dtype", None)
     if compute is not None:
         # A Keras mixed policy casts floating inputs to its compute dtype (once per
@@ -188,26 +214,5 @@ def check_inputs(layer, query, value, key):
         if layer._device is None:
             layer._device = query.device
         layer.build(tuple(query.shape), tuple(value.shape), tuple(key.shape))
-    dq, dv, dk, rank = layer._built_dims
-    for name, x, d in (("query", query, dq), ("value", value, dv), ("key", key, dk)):
-        if x.dim() != rank or x.shape[-1] != d:
-            raise ValueError(
-                f"Received an invalid value for argument `{name}`: the layer was built for rank-{rank} "
-                f"inputs with {d} features, got shape {tuple(x.shape)}. Build a new layer for other shapes."
-            )
-    if value.shape[:-1] != key.shape[:-1]:
-        raise ValueError(
-            "All dimensions of `value` and `key`, except the last one, must be equal. "
-            f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
-        )
-    batch_dims = [d for d in range(rank - 1) if d not in layer._attention_axes]
-    for d in batch_dims:
-        if query.shape[d] != value.shape[d]:
-            raise ValueError(
-                f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
-                f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
-            )
-    kernel = layer._modules["query"].kernel
-    if kernel.device != query.device:
-        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
+    _check_against_layer(layer, query, value, key)
     return query, value, key
