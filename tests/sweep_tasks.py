@@ -231,3 +231,50 @@ def sum_grads_with_a_missing_gradient(ctx):
     loss.backward()
     sum_grads([a, b], group)
     return a.grad.tolist(), b.grad.tolist()
+
+
+# -- the ring on CUDA (runs where a GPU is) -----------------------------------------------------
+
+def ring_on_cuda(ctx, masks):
+    """Ring CP=2 on CUDA tensors (bf16 layer, B=2 rows x 4 heads of 64) against one float32 device.
+
+    Returns `(kernels, {"output", "input_grad", "weight_grads"}: max relative errors)`.
+    """
+    from dist_mha import MultiHeadAttention
+    from dist_mha.parallel import gather_sequence, shard_sequence
+
+    _, cp_group = ctx.grid(1, 2)
+    Tc, Ec = 256, 256
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, Tc, Ec, generator=g).cuda()
+    probe = torch.randn(2, Tc, Ec, generator=g).cuda()
+    call = {"use_causal_mask": True}
+    if masks == "padding":
+        keep = torch.ones(2, Tc, dtype=torch.bool)
+        keep[1, 200:] = False
+        call["value_mask"] = keep.cuda()
+    elif masks == "packed":
+        call["segment_ids"] = (torch.arange(Tc)[None].expand(2, Tc) * torch.tensor([[3], [5]]) // Tc).cuda()
+    results = {}
+    for name, group, dtype in (("ref", None, torch.float32), ("ring", cp_group, torch.bfloat16)):
+        torch.manual_seed(0)
+        layer = MultiHeadAttention(4, 64, query_shape=Ec, cp_group=group, device="cuda")
+        xi = (x if group is None else shard_sequence(x, group)).to(dtype).requires_grad_()
+        layer_call = layer.to(dtype)
+        out = layer_call(xi, xi, **call)
+        p = probe if group is None else shard_sequence(probe, group)
+        (out.float() * p).sum().backward()
+        grads = [w.grad.float() for w in layer.parameters()]
+        if group is not None:
+            out, xg = gather_sequence(out, group), gather_sequence(xi.grad, group)
+            for w in grads:
+                dist.all_reduce(w, group=group)
+        else:
+            xg = xi.grad
+        results[name] = (out.float(), xg.float(), grads, layer.last_backend_reason)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    (o, xg, gw, _), (o2, xg2, gw2, why) = results["ref"], results["ring"]
+    return why, {"output": rel(o2, o), "input_grad": rel(xg2, xg), "weight_grads": max(rel(a, b) for a, b in zip(gw2, gw))}
