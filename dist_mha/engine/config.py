@@ -35,6 +35,14 @@ def positive_int(name: str, value, allow_none: bool = False) -> int | None:
     return value
 
 
+def positive_float(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise _invalid(name, "a positive finite number" + (" or `None`" if allow_none else ""), value)
+    return float(value)
+
+
 def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise _invalid(name, "a boolean (True or False)", value)

@@ -60,7 +60,7 @@ def _tile(kernels, m: MaskSpec, B: int, n: int, t: int, s: int) -> int | None:
 def _ring(layer, req, h0, h1, T, S):
     q, k, v, m = req.q_BTNH, req.k_BSNH, req.v_BSNH, req.masks
     kernels = blockwise.choose(q.transpose(1, 2), v, req.dropout_p > 0, layer._attention_backend,
-                               layer._flash_attention)
+                               layer._flash_attention, req.softcap)
     forced = layer._attention_backend
     refused = forced in ("flash", "varlen") or (forced == "sdpa" and "math" in (kernels.unmasked, kernels.masked))
     if layer._flash_attention is True or refused:
@@ -86,13 +86,14 @@ def _ring(layer, req, h0, h1, T, S):
 
     kernel = SimpleNamespace(
         forward=lambda q_, k_, v_, mask, kp, causal, state: blockwise.forward(
-            kernels, q_, k_, v_, mask, req.scale, kp, rate, causal, state),
+            kernels, q_, k_, v_, mask, req.scale, kp, rate, causal, state, req.softcap),
         backward=lambda dO, q_, k_, v_, O, L, D, mask, kp, causal, state: blockwise.backward(
-            kernels, dO, q_, k_, v_, O, L, D, mask, req.scale, kp, rate, causal, state),
-        merge=blockwise.merge, lse_dtype=blockwise.lse_dtype)
+            kernels, dO, q_, k_, v_, O, L, D, mask, req.scale, kp, rate, causal, state, req.softcap),
+        merge=blockwise.merge, lse_dtype=blockwise.lse_dtype, add_sinks=blockwise.add_sinks,
+        sinks_grad=blockwise.sinks_grad)
     t, s = q.shape[1], k.shape[1]
     plan = ring.RingPlan(layer.cp_group, T, S, kernel, block, _tile(kernels, m, B, q.shape[2], t // 2, s // 2))
-    out = ring.ring_attention(q, k, v, plan)
+    out = ring.ring_attention(q, k, v, plan, req.sinks)
     layer.__dict__["last_ring_blocks"] = (plan.blocks, plan.skipped)  # computed, skipped (causal/window)
     if m.q_keep_BT is not None:
         rows = m.q_keep_BT.index_select(1, positions(T, layer.cp_group, device))
@@ -113,7 +114,8 @@ def _ulysses(layer, req, h0, h1, T, S):
     if dense is not None and dense.shape[1] == n != c1 - c0:
         dense = dense[:, c0:c1]  # a per-head mask: this rank's heads
     masks = MaskSpec(m.q_keep_BT, m.k_keep_BS, dense, m.causal, m.window, 0, m.q_seg_BT, m.k_seg_BS)
-    local = AttentionRequest(q_full, k_full, v_full, masks, req.scale, req.dropout_p, False)
+    local = AttentionRequest(q_full, k_full, v_full, masks, req.scale, req.dropout_p, False, softcap=req.softcap,
+                             sinks=None if req.sinks is None else req.sinks[c0:c1])
     if req.dropout_p > 0 and layer.dropout_mode == "tp_invariant":
         local.dropout_keep = InvariantKeep(layer._invariant_calls, layer._num_heads, T, S, h0 + c0, h0 + c1,
                                            req.dropout_p)

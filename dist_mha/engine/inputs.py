@@ -31,6 +31,12 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
             "KV-cache decoding runs without sequence parallelism (a decoding step has one position). Build the "
             "layer (or model) for generation with sequence_parallel=False: the weights are the same."
         )
+    if layer._rope is not None and layer._rope.rope_type == "dynamic":
+        raise ValueError(
+            "rope_type='dynamic' rescales every position by the longest one of a call, so keys cached by earlier "
+            "calls were rotated with other frequencies: it cannot be exact with a KV cache. Use another rope_type "
+            "for decoding, or call without a cache."
+        )
     if causal and value.shape[1] != query.shape[1]:
         raise ValueError(
             "With use_causal_mask=True and a cache, each call appends the keys of its own positions: `value` must "
@@ -39,7 +45,8 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
 
 
 _MASK_DTYPES = ("bool", "int", "float", "other")
-_CHECK_VALUES = 1 + 3 * 10 + 5 * 3 + 4  # the flag, query/value/key, four masks and segment ids, call flags
+MASK_ARGS = ("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids", "position_ids")
+_CHECK_VALUES = 1 + 3 * 10 + len(MASK_ARGS) * 3 + 4  # the flag, query/value/key, masks and ids, call flags
 
 
 def _mask_signature(m) -> tuple[int, int, int, str]:
@@ -90,7 +97,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         values += [x.dim(), *dims, FLOAT_DTYPES.index(x.dtype)]
         names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
         shown += [str(x.dim()), *[str(d) for d in dims], str(x.dtype).replace("torch.", "")]
-    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids"), masks):
+    for name, m in zip(MASK_ARGS, masks):
         ndim, shape_hash, kind, text = _mask_signature(m)
         values += [ndim, shape_hash, kind]
         names += [f"{name}.ndim", f"{name}.shape", f"{name}.dtype"]

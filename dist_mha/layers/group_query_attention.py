@@ -104,6 +104,13 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
         cp_mode="ring",
         dropout_mode="per_rank",
         check_ranks=True,
+        rope=None,
+        qk_norm=None,
+        qk_norm_eps=1e-6,
+        logit_softcap=None,
+        attention_sinks=False,
+        scale=None,
+        output_bias=None,
         name=None,
         trainable=True,
         **kwargs,
@@ -158,6 +165,7 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
             "dropout": self._dropout,
             **self._objects_config(),
             "seed": self.seed,
+            **self._extras_config(),
         }
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):

@@ -183,6 +183,9 @@ def refusals(req: AttentionRequest) -> list[str]:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if req.dropout_p > 0 and req.dropout_keep is not None:
         reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
+    if req.softcap is not None or req.sinks is not None:
+        reasons.append("logit_softcap and attention sinks change the softmax of every sequence call "
+                       "(SDPA serves sinks, the math path both)")
     if not reasons:
         seqs, why = plan(req)
         if seqs is None:
