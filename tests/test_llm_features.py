@@ -114,6 +114,22 @@ def test_rotation_is_the_pairwise_turn_and_its_backward_is_exact(interleaved, fr
     assert torch.autograd.gradcheck(lambda t: rotary.rotate(rope, cos, sin, t), (x,))
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_fused_norm_and_rotation_equal_the_two_steps_with_exact_gradients(fraction):
+    rope = Rope.from_dict({"partial_rotary_factor": fraction}, 8)
+    pos = torch.tensor([[0, 3, 7, 100]])
+    cos, sin = rotary.angles(rope, pos, torch.float64)
+    x, y = (torch.randn(2, 4, n, 8, dtype=torch.float64, requires_grad=True) for n in (3, 1))
+    w, v = (torch.rand(8, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(2))
+    fused = rotary.rotate(rope, cos, sin, x, y, norm_weights=(w, v), eps=1e-6)
+    steps = rotary.rotate(rope, cos, sin, torch.nn.functional.rms_norm(x, (8,), w, 1e-6),
+                          torch.nn.functional.rms_norm(y, (8,), v, 1e-6))
+    for a, b in zip(fused, steps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda *t: rotary.rotate(rope, cos, sin, t[0], t[1], norm_weights=t[2:], eps=1e-6), (x, y, w, v))
+
+
 def test_rms_norm_follows_transformers_order_in_bfloat16():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 

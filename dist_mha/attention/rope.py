@@ -133,6 +133,19 @@ class Rope:
             raise _bad("high_freq_factor", rope["high_freq_factor"], f"more than low_freq_factor={rope['low_freq_factor']}")
         return cls(kind, theta, head_dim, rotary_dim, interleaved, dict(rope))
 
+    def __post_init__(self):
+        object.__setattr__(self, "_tables", {})  # (longest, device, dtype) -> inv_freq: made once, read every call
+
+    def frequencies(self, longest, device, dtype) -> torch.Tensor:
+        """`inverse_frequencies(longest)` on `device` in `dtype`, cached (a few per layer)."""
+        key = (longest if self.depends_on_length else None, str(device), dtype)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 16:
+                self._tables.clear()
+            table = self._tables[key] = self.inverse_frequencies(key[0]).to(device=device, dtype=dtype)
+        return table
+
     @property
     def depends_on_length(self) -> bool:
         """Whether the frequencies depend on the longest position of a call."""

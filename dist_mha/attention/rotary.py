@@ -31,7 +31,7 @@ from dist_mha.attention.rope import Rope
 def angles(rope: Rope, positions: torch.Tensor, dtype: torch.dtype, longest: int | None = None):
     """`(cos, sin)` of shape `(B|1, T, 1, F)` in `dtype` for int positions `(B|1, T)`."""
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
-    inv = rope.inverse_frequencies(longest).to(device=positions.device, dtype=compute)
+    inv = rope.frequencies(longest, positions.device, compute)
     freqs = positions[..., None].to(compute) * inv  # (B|1, T, F)
     scaling = rope.attention_scaling()
     cos, sin = freqs.cos(), freqs.sin()
@@ -49,37 +49,117 @@ def _pairs(x, R, interleaved):
     return rot[..., : R // 2], rot[..., R // 2:]
 
 
-def _turn(x, cos, sin, R, interleaved):
-    """`x` with each pair (a, b) turned to (a cos - b sin, b cos + a sin); features past R copied."""
+def _tables(cos, sin, weight, R, interleaved):
+    """`(C_a, S_b, C_b, S_a, w_pass)`: a per-feature weight folded into the angle tables of each pair's halves."""
+    if weight is None:
+        return cos, sin, cos, sin, None
+    w_a, w_b = _pairs(weight, R, interleaved)
+    return cos * w_a, sin * w_b, cos * w_b, sin * w_a, weight[R:]
+
+
+def _turn(x, tables, R, interleaved, exact_rounding=False):
+    """Each pair (a, b) of `x` to `(a C_a - b S_b, b C_b + a S_a)`; features past R times `w_pass` (or copied)."""
+    C_a, S_b, C_b, S_a, w_pass = tables
     out = torch.empty_like(x)
-    out[..., R:] = x[..., R:]
+    if R < x.shape[-1]:
+        if w_pass is None:
+            out[..., R:] = x[..., R:]
+        else:
+            torch.mul(x[..., R:], w_pass, out=out[..., R:])
     a, b = _pairs(x, R, interleaved)
     oa, ob = _pairs(out, R, interleaved)
-    # Hugging Face's rounding: x*cos and rotate_half(x)*sin each rounded, then added.
-    torch.sub(a * cos, b * sin, out=oa)
-    torch.add(b * cos, a * sin, out=ob)
+    if exact_rounding:  # Hugging Face's half-precision rounding: x*cos and rotate_half(x)*sin each rounded
+        torch.sub(a * C_a, b * S_b, out=oa)
+        torch.add(b * C_b, a * S_a, out=ob)
+    else:  # two passes per half
+        torch.mul(a, C_a, out=oa).addcmul_(b, S_b, value=-1)
+        torch.mul(b, C_b, out=ob).addcmul_(a, S_a)
     return out
 
 
+def _inverse_rms(x, eps):
+    """`1 / sqrt(mean(x^2) + eps)` over the last dim, `(..., 1)` (one reduction pass)."""
+    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+    return sq.div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+class _NormRotate(torch.autograd.Function):
+    """`rotate(rms_norm(x, w))` for each `x` (weight None: rotation alone): one node, fewer passes, little saved."""
+
+    @staticmethod
+    def forward(ctx, cos, sin, R, interleaved, eps, n, *args):
+        xs, weights = args[:n], args[n:]
+        outs, saved = [], [cos, sin]
+        for x, w in zip(xs, weights):
+            r = None if w is None else _inverse_rms(x, eps)
+            xr = x if r is None else x * r
+            outs.append(_turn(xr, _tables(cos, sin, w, R, interleaved), R, interleaved))
+            saved += [xr, r, w] if w is not None else [None, None, None]
+        ctx.save_for_backward(*saved)
+        ctx.R, ctx.interleaved = R, interleaved
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin, *saved = ctx.saved_tensors
+        dxs, dws = [], []
+        for i, g in enumerate(grads):
+            # The rotation is orthogonal: its adjoint turns by the opposite angle (weights folded out).
+            u = None if g is None else _turn(g, (cos, -sin, cos, -sin, None), ctx.R, ctx.interleaved)
+            xr, r, w = saved[3 * i:3 * i + 3]
+            if w is None or u is None:
+                dxs.append(u)
+                dws.append(None)
+                continue
+            dws.append((xr * u).sum(dim=tuple(range(u.dim() - 1))))
+            dxr = u * w
+            mean = (dxr * xr).mean(dim=-1, keepdim=True)
+            dxs.append(r * (dxr - xr * mean))
+        return (None, None, None, None, None, None, *dxs, *dws)
+
+
+def rotate(rope: Rope, cos, sin, *xs, norm_weights=None, eps: float = 1e-6):
+    """`xs` (each `(B, T, n, H)`) rotated by the angle table `(cos, sin)` from `angles`; one autograd node.
+
+    `norm_weights`: one `(H,)` RMSNorm weight (or None) per `x`, applied
+    before the rotation in the same node (float32/float64: the norm's weight
+    is folded into the angle tables). Half precision keeps Hugging Face's
+    order and rounding: RMSNorm in float32, cast, times the weight, then the
+    rotation with each product rounded.
+    """
+    weights = list(norm_weights) if norm_weights is not None else [None] * len(xs)
+    R, inter = rope.rotary_dim, rope.interleaved
+    if xs[0].dtype in (torch.float16, torch.bfloat16):
+        xs = [x if w is None else rms_norm(x, w, eps) for x, w in zip(xs, weights)]
+        plain = (cos, sin, cos, sin, None)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+            out = _Rotate.apply(cos, sin, R, inter, *xs)
+        else:
+            out = tuple(_turn(x, plain, R, inter, exact_rounding=True) for x in xs)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*xs, *weights)):
+        weights = [None if w is None else w.to(x.dtype) for x, w in zip(xs, weights)]
+        out = _NormRotate.apply(cos, sin, R, inter, eps, len(xs), *xs, *weights)
+    else:  # inference (decoding): the same arithmetic without the autograd node
+        out = tuple(_turn(x if w is None else x * _inverse_rms(x, eps), _tables(cos, sin, None if w is None else
+                    w.to(x.dtype), R, inter), R, inter) for x, w in zip(xs, weights))
+    return out if len(xs) > 1 else out[0]
+
+
 class _Rotate(torch.autograd.Function):
+    """The rotation alone, in Hugging Face's half-precision rounding."""
+
     @staticmethod
     def forward(ctx, cos, sin, R, interleaved, *xs):
         ctx.save_for_backward(cos, sin)
         ctx.R, ctx.interleaved = R, interleaved
-        return tuple(_turn(x, cos, sin, R, interleaved) for x in xs)
+        return tuple(_turn(x, (cos, sin, cos, sin, None), R, interleaved, exact_rounding=True) for x in xs)
 
     @staticmethod
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
-        # The rotation is orthogonal: its adjoint turns by the opposite angle.
-        back = tuple(None if g is None else _turn(g, cos, -sin, ctx.R, ctx.interleaved) for g in grads)
+        back = tuple(None if g is None else _turn(g, (cos, -sin, cos, -sin, None), ctx.R, ctx.interleaved)
+                     for g in grads)
         return (None, None, None, None, *back)
-
-
-def rotate(rope: Rope, cos, sin, *xs):
-    """`xs` (each `(B, T, n, H)`) rotated by the angle table `(cos, sin)` from `angles`; one autograd node."""
-    out = _Rotate.apply(cos, sin, rope.rotary_dim, rope.interleaved, *xs)
-    return out if len(xs) > 1 else out[0]
 
 
 _FLASH_ROTARY = []
@@ -117,7 +197,13 @@ def rotate_range(rope: Rope, start: int, x: torch.Tensor, longest: int | None = 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, Hugging Face's order: normalise in float32 (or wider), cast back, times `weight`."""
-    wide = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    """RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`.
+
+    float32/float64: torch's fused `rms_norm` (one op). Half precision follows
+    Hugging Face's order: normalise in float32, cast back, then times `weight`.
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    wide = x.float()
     normed = wide * torch.rsqrt(wide.square().mean(dim=-1, keepdim=True) + eps)
     return normed.to(x.dtype) * weight.to(x.dtype)

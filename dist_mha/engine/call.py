@@ -47,6 +47,7 @@ class Call:
     k: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    qk_norm: tuple | None = None  # QK-norm weights the rotation applies (with rotary positions)
     # -- attend
     heads: tuple[int, int] = (0, 0)  # this TP rank's query heads [h0, h1)
     out_BTNH: torch.Tensor | None = None

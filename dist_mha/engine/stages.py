@@ -74,13 +74,19 @@ def project(layer, c: Call) -> None:
 
 
 def normalize_qk(layer, c: Call) -> None:
-    """QK-norm: RMSNorm of every query and key head over key_dim (Qwen3), before the rotation."""
+    """QK-norm: RMSNorm of every query and key head over key_dim (Qwen3), before the rotation.
+
+    With rotary positions the norm runs inside the rotation's op (`rotate` takes the weights).
+    """
     if layer._qk_norm is None:
         return
     w_q, w_k = layer._modules["query_norm"].weight, layer._modules["key_norm"].weight
     if layer.tp_size > 1:
         # Replicated weights used on this rank's heads only: their gradients are partial, summed over TP.
         w_q, w_k = copy_to_tp(layer.tp_group, w_q, w_k)
+    if layer._rope is not None:
+        c.qk_norm = (w_q, w_k)
+        return
     c.q = rotary.rms_norm(c.q, w_q, layer._qk_norm_eps)
     c.k = rotary.rms_norm(c.k, w_k, layer._qk_norm_eps)
 
@@ -91,19 +97,19 @@ def rotate(layer, c: Call) -> None:
     if rope is None:
         return
     q_pos, k_pos, longest = positions.call_positions(layer, c, c.mask_args["position_ids"])
-    if k_pos is q_pos and positions.one_range(layer, c) and rotary.flash_rotary() is not None \
-            and rotary.kernel_takes(c.q):
+    norms, eps = c.qk_norm or (None, None), layer._qk_norm_eps
+    if c.qk_norm is None and k_pos is q_pos and positions.one_range(layer, c) \
+            and rotary.flash_rotary() is not None and rotary.kernel_takes(c.q):
         start = 0 if c.cache is None else c.cache.length  # flash-attn's kernel: a table and an offset
         c.q, c.k = (rotary.rotate_range(rope, start, x, longest) for x in (c.q, c.k))
         return
-    same = k_pos is q_pos and c.k.dtype == c.q.dtype
     cos, sin = rotary.angles(rope, q_pos, c.q.dtype, longest)
-    if same:
-        c.q, c.k = rotary.rotate(rope, cos, sin, c.q, c.k)
+    if k_pos is q_pos and c.k.dtype == c.q.dtype:
+        c.q, c.k = rotary.rotate(rope, cos, sin, c.q, c.k, norm_weights=norms, eps=eps)
         return
-    c.q = rotary.rotate(rope, cos, sin, c.q)
+    c.q = rotary.rotate(rope, cos, sin, c.q, norm_weights=norms[:1], eps=eps)
     cos, sin = rotary.angles(rope, k_pos, c.k.dtype, longest)
-    c.k = rotary.rotate(rope, cos, sin, c.k)
+    c.k = rotary.rotate(rope, cos, sin, c.k, norm_weights=norms[1:], eps=eps)
 
 
 def append_to_cache(layer, c: Call) -> None:

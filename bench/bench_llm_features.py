@@ -1,0 +1,139 @@
+"""The cost of rotary positions and QK-norm: a layer call with them against the same layer without.
+
+    python bench/bench_llm_features.py [--out bench/results/llm_features.json] [--device cpu|cuda] [--quick]
+
+One `GroupQueryAttention` (causal self-attention, 8 query heads, 2 key/value
+heads), built twice from the same seed: plain, and with `rope` (llama3
+scaling) plus `qk_norm="rms"`. Both are timed interleaved (round robin, best
+of `--repeats` rounds, so machine load hits them alike) at a small and a
+medium shape, forward and forward+backward, and the ratio is reported
+(target: <= 1.10 on CPU float32). Decoding: a prompt of 64 tokens, then 64
+tokens one at a time with a KV cache, tokens/s with and without the extras
+(each step rotates only its new token). JSON holds every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from dist_mha import GroupQueryAttention  # noqa: E402
+
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SHAPES = {"small": (8, 128, 256), "medium": (4, 1024, 512)}  # B, T, E
+TARGET = 1.10
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _layers(E, device, dtype):
+    out = {}
+    for name, extra in (("plain", {}), ("rope+qk_norm", {"rope": ROPE, "qk_norm": "rms"})):
+        torch.manual_seed(0)
+        out[name] = GroupQueryAttention(E // 8, 8, 2, query_shape=E, use_bias=False, device=device, dtype=dtype,
+                                        **extra)
+    return out
+
+
+def _time(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def layer_calls(shape, repeats, device, dtype):
+    B, T, E = SHAPES[shape]
+    layers = _layers(E, device, dtype)
+    x = torch.randn(B, T, E, device=device, dtype=dtype, requires_grad=True)
+
+    def fwd(layer):
+        with torch.no_grad():
+            layer(x, x, use_causal_mask=True)
+
+    def step(layer):
+        layer(x, x, use_causal_mask=True).sum().backward()
+
+    best = {(n, k): float("inf") for n in layers for k in ("fwd", "fwd+bwd")}
+    for layer in layers.values():  # warm-up
+        fwd(layer)
+        step(layer)
+    for _ in range(repeats):
+        for name, layer in layers.items():
+            best[(name, "fwd")] = min(best[(name, "fwd")], _time(lambda: fwd(layer), device))
+            best[(name, "fwd+bwd")] = min(best[(name, "fwd+bwd")], _time(lambda: step(layer), device))
+    rows = []
+    for kind in ("fwd", "fwd+bwd"):
+        plain, extra = best[("plain", kind)], best[("rope+qk_norm", kind)]
+        rows.append(dict(shape=shape, B=B, T=T, E=E, pass_=kind, plain_s=round(plain, 6), extras_s=round(extra, 6),
+                         ratio=round(extra / plain, 3), target=TARGET, met=extra / plain <= TARGET))
+    return rows
+
+
+@torch.no_grad()
+def decode(repeats, device, dtype, E=512, prompt=64, steps=64, B=4):
+    layers = _layers(E, device, dtype)
+    x = torch.randn(B, prompt + steps, E, device=device, dtype=dtype)
+    best = {n: float("inf") for n in layers}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, layer in layers.items():
+            cache = layer.init_cache(B, prompt + steps)
+            layer(x[:, :prompt], x[:, :prompt], use_causal_mask=True, cache=cache)
+
+            def run(layer=layer, cache=cache):
+                for t in range(prompt, prompt + steps):
+                    tok = x[:, t:t + 1]
+                    layer(tok, tok, use_causal_mask=True, cache=cache)
+
+            best[name] = min(best[name], _time(run, device))
+    return [dict(model=name, E=E, B=B, prompt=prompt, steps=steps, tokens_per_s=round(B * steps / s, 1),
+                 vs_plain=round(best["plain"] / s, 3)) for name, s in best.items()]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "llm_features.json"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="small shape, 2 repeats (smoke test)")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), torch.float32
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    shapes = ["small"] if args.quick else list(SHAPES)
+    repeats = 2 if args.quick else args.repeats
+    rows = [r for s in shapes for r in layer_calls(s, repeats, device, dtype)]
+    dec = decode(1 if args.quick else 3, device, dtype, E=256 if args.quick else 512, steps=8 if args.quick else 64)
+    doc = {"machine": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                       "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")},
+           "rope": ROPE, "layer_calls": rows, "decode": dec}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print("| shape (B, T, E) | pass | plain s | rope+qk_norm s | ratio | target |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} ({r['B']}, {r['T']}, {r['E']}) | {r['pass_']} | {r['plain_s']:.4f} | {r['extras_s']:.4f} | "
+              f"{r['ratio']:.3f} | <= {TARGET} {'met' if r['met'] else 'MISSED'} |")
+    print("| decode model | tokens/s | x plain |")
+    print("|---|---|---|")
+    for r in dec:
+        print(f"| {r['model']} | {r['tokens_per_s']} | {r['vs_plain']} |")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
