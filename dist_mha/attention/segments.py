@@ -21,7 +21,8 @@ import torch
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def _ids(x, name, shape, device):
+def int_ids(x, name, shape, device, meaning="one document id per position; negative for padding"):
+    """`x` as an int64 `(B, T)` tensor on `device`; a ValueError naming `name` otherwise."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -31,11 +32,12 @@ def _ids(x, name, shape, device):
         got = "None" if x is None else str(x.dtype)
         raise ValueError(
             f"Received an invalid value for argument `{name}`, expected an integer tensor of shape {tuple(shape)} "
-            f"(one document id per position; negative for padding). Received: {name} with dtype {got}"
+            f"({meaning}). Received: {name} with dtype {got}"
         )
     if tuple(x.shape) != tuple(shape):
         raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected shape {tuple(shape)} (batch, positions). "
+            f"Received an invalid value for argument `{name}`, expected shape {tuple(shape)} (batch, positions; "
+            "global under context parallelism). "
             f"Received: {name}.shape={tuple(x.shape)}"
         )
     return x.to(device=device, dtype=torch.int64)
@@ -68,15 +70,15 @@ def parse_segment_ids(segment_ids, query_shape, value_shape, self_attention: boo
         raise ValueError(f"`segment_ids` take rank-3 inputs (batch, seq, features). Received query of shape "
                          f"{tuple(query_shape)}")
     if is_pair(segment_ids):
-        q = _ids(segment_ids[0], "segment_ids[0] (query ids)", query_shape[:2], device)
-        k = _ids(segment_ids[1], "segment_ids[1] (key ids)", value_shape[:2], device)
+        q = int_ids(segment_ids[0], "segment_ids[0] (query ids)", query_shape[:2], device)
+        k = int_ids(segment_ids[1], "segment_ids[1] (key ids)", value_shape[:2], device)
         return q, k
     if not self_attention and tuple(query_shape[:2]) != tuple(value_shape[:2]):
         raise ValueError(
             "A single `segment_ids` tensor labels the positions of both query and key; for cross-attention with "
             f"query length {query_shape[1]} and key length {value_shape[1]} pass a pair (query_ids, key_ids)."
         )
-    q = _ids(segment_ids, "segment_ids", query_shape[:2], device)
+    q = int_ids(segment_ids, "segment_ids", query_shape[:2], device)
     return q, q
 
 

@@ -16,24 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.attention.segments import document_positions, is_pair
+from dist_mha.attention.segments import document_positions, int_ids, is_pair
 from dist_mha.parallel.cp.layout import positions as cp_positions
 
 
 def _ids(x, name, shape, device):
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except Exception:
-            x = None
-    if x is None or x.dtype in (torch.bool,) or x.is_floating_point() or x.is_complex():
-        got = "None" if x is None else str(x.dtype)
-        raise ValueError(f"Received an invalid value for argument `{name}`, expected an integer tensor of shape "
-                         f"{tuple(shape)} (the position of each token). Received: {name} with dtype {got}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"Received an invalid value for argument `{name}`, expected shape {tuple(shape)} (batch, "
-                         f"positions; global under context parallelism). Received: {name}.shape={tuple(x.shape)}")
-    return x.to(device=device, dtype=torch.int64)
+    return int_ids(x, name, shape, device, "the position of each token")
 
 
 def call_positions(layer, c, position_ids):
