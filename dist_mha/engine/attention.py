@@ -9,7 +9,8 @@ tensor-parallel rank's heads.
 One call is a sequence of stages (`stages.py`), each one call in `forward`:
 validate (and start the rank-agreement check) -> enter the TP region ->
 masks (global positions) -> project q/k/v (Keras-layout kernels; only the
-tokens anyone attends to, when padding allows) -> append to the KV cache ->
+tokens anyone attends to, when padding allows) -> [QK-norm] -> [rotary
+positions] -> append to the KV cache ->
 attend (a local kernel, or ring/Ulysses context parallelism; dropout under
 the layer's RNG stream) -> gate and output projection, leaving the TP
 region -> results. Both Keras layers are thin constructors over this one

@@ -46,15 +46,17 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
         seed: Seed for the dropout stream.
         query_shape, value_shape, key_shape, attention_backend, device, dtype,
             tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode,
-            check_ranks: keyword-only torch extras, as in `MultiHeadAttention`.
+            check_ranks, rope, qk_norm, qk_norm_eps, logit_softcap,
+            attention_sinks, scale, output_bias: keyword-only torch extras, as
+            in `MultiHeadAttention`.
 
     Call arguments:
         query: `(B, T, Dq)`.
         value: `(B, S, Dv)`.
         key: optional `(B, S, Dk)`; defaults to `value`.
         query_mask, value_mask, key_mask, attention_mask,
-            return_attention_scores, training, use_causal_mask: as in
-            `MultiHeadAttention`.
+            return_attention_scores, training, use_causal_mask, position_ids:
+            as in `MultiHeadAttention`.
 
     Returns:
         `attention_output` `(B, T, Dq)`, and with `return_attention_scores=True`

@@ -76,6 +76,20 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
         check_ranks: keyword-only: under TP, one tiny all-reduce per call
             verifies that all ranks pass the same shapes and flags, so a
             mismatch raises instead of hanging. Default True.
+        rope: keyword-only: rotary positions, a dict with the keys of a
+            Hugging Face `rope_parameters` dict (`rope_type`, `rope_theta`,
+            `partial_rotary_factor`, each type's own keys) plus `interleaved`
+            (GPT-J pairs); None: no rotation. Rank-3 inputs.
+        qk_norm, qk_norm_eps: keyword-only: "rms" normalises every query and
+            key head over key_dim (weights `query_norm`, `key_norm`) before the
+            rotation.
+        logit_softcap: keyword-only: scores become `c * tanh(s / c)` before the
+            masks.
+        attention_sinks: keyword-only: a learned logit per head (`sinks`) joins
+            every row's softmax denominator.
+        scale: keyword-only: the score scale instead of `1/sqrt(key_dim)`.
+        output_bias: keyword-only: whether the output projection has a bias;
+            None follows `use_bias`.
         name, trainable: as Keras's base layer.
 
     Call arguments:
@@ -89,6 +103,10 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
         return_attention_scores: also return the pre-dropout probabilities.
         training: None follows `self.training` (torch convention); a bool forces it.
         use_causal_mask: top-left aligned causal mask (query i sees keys j <= i).
+        position_ids: keyword-only, with `rope`: int `(B, T)` positions of the
+            queries (and keys of self-attention), or a pair `(q_pos, k_pos)`;
+            global under CP. Default `0..T-1`, restarting per document with
+            `segment_ids`, continuing from a cache's length.
 
     Returns:
         `attention_output` of shape `(B, T, *output_shape)`, and with
