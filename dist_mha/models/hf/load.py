@@ -25,51 +25,52 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
 
 
 class _Directory:
-    """Tensors of a checkpoint directory, read slice by slice (files opened once, lazily)."""
+    """Tensors of a checkpoint directory, read slice by slice.
+
+    Each read opens its file and closes it again: safetensors maps the file,
+    and the pages a slice touched stay resident (and counted) while the map
+    is open, so a long-lived handle would end up holding every page read.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
             self.where = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise ValueError(f"Received src={str(path)!r}, which holds no *.safetensors file (and no "
-                                 "model.safetensors.index.json); expected a checkpoint written by save_pretrained "
-                                 "or to_hf. Point src at the directory that holds the weights.")
-            self.where = {}
-            for f in files:
-                for name in self._open(f.name).keys():
-                    self.where[name] = f.name
-        self._handles: dict = {}
+            return
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"Received src={str(path)!r}, which holds no *.safetensors file (and no "
+                             "model.safetensors.index.json); expected a checkpoint written by save_pretrained "
+                             "or to_hf. Point src at the directory that holds the weights.")
+        self.where = {}
+        for f in files:
+            with self._open(f.name) as st:
+                self.where.update({name: f.name for name in st.keys()})
 
     def _open(self, file: str):
         from safetensors import safe_open
 
-        handles = self.__dict__.setdefault("_handles", {})
-        if file not in handles:
-            full = self.path / file
-            if not full.is_file():
-                raise ValueError(f"The checkpoint index of {str(self.path)!r} names {file!r}, which is missing; "
-                                 "copy every file of the checkpoint (or re-save it).")
-            handles[file] = safe_open(str(full), framework="pt", device="cpu")
-        return handles[file]
+        full = self.path / file
+        if not full.is_file():
+            raise ValueError(f"The checkpoint index of {str(self.path)!r} names {file!r}, which is missing; "
+                             "copy every file of the checkpoint (or re-save it).")
+        return safe_open(str(full), framework="pt", device="cpu")
 
     def names(self):
         return list(self.where)
 
-    def _slice(self, name):
-        return self._open(self.where[name]).get_slice(name)
-
     def shape(self, name):
-        return tuple(self._slice(name).get_shape())
+        with self._open(self.where[name]) as st:
+            return tuple(st.get_slice(name).get_shape())
 
     def dtype(self, name):
-        return _ST_DTYPES.get(self._slice(name).get_dtype())
+        with self._open(self.where[name]) as st:
+            return _ST_DTYPES.get(st.get_slice(name).get_dtype())
 
     def read(self, name, index):
-        return self._slice(name)[index]
+        with self._open(self.where[name]) as st:
+            return st.get_slice(name)[index]
 
 
 class _InMemory:
@@ -103,6 +104,20 @@ def _source(src):
         return src.config.to_dict(), _InMemory(src.state_dict()), type(src).__name__
     raise ValueError(f"Received src of type {type(src).__name__}; expected a checkpoint directory (str or Path) "
                      "or a transformers PreTrainedModel.")
+
+
+# Largest read at a time: the slice read and the file pages it touched are the transient of loading.
+CHUNK_BYTES = 2 << 20
+
+
+def _fill(view, source, name: str, index: tuple) -> None:
+    """Copies the HF tensor's slice `index` into `view` (our parameter in HF orientation), a few rows at a time."""
+    rows = view.shape[0]
+    row_bytes = max(1, view[0].numel() * view.element_size()) if view.dim() > 1 else view.element_size()
+    step = max(1, CHUNK_BYTES // row_bytes) if view.dim() > 1 else rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        view[r0:r1].copy_(source.read(name, weights.narrow_rows(index, r0, r1)))
 
 
 def _check_tp(cfg, tp: int, what: str) -> None:
@@ -166,9 +181,15 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
     _check_names(rules, source, what)
     if dtype is None:
         dtype = source.dtype(rules[0].hf)
+    # Built without memory (meta), then given uninitialised storage: every parameter is read below, so
+    # random initial weights would only cost time and a transient several times a shard's size.
     model = CausalLM(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel, cp_group=cp_group,
-                     cp_mode=cp_mode, device=device, dtype=dtype)
+                     cp_mode=cp_mode, device="meta", dtype=dtype)
+    model.to_empty(device=device or "cpu")
     params = dict(model.named_parameters())
+    unfilled = sorted(set(params) - {r.ours for r in rules})
+    if unfilled:
+        raise RuntimeError(f"No checkpoint tensor fills {unfilled}: the weight table is incomplete (a bug).")
     with torch.no_grad():
         for rule in rules:
             p = params[rule.ours]
@@ -177,8 +198,7 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
             if tuple(got) != tuple(want):
                 raise ValueError(f"Tensor {rule.hf!r} of {what} has shape {tuple(got)}, but its config implies "
                                  f"{tuple(want)}; the config and the weights do not belong together.")
-            part = source.read(rule.hf, weights.local_index(rule, p.shape, cfg.head_dim, tp_group))
-            p.copy_(weights.to_ours(rule, part, p.shape))
-            del part
+            _fill(weights.hf_view(rule, p), source, rule.hf,
+                  weights.local_index(rule, p.shape, cfg.head_dim, tp_group))
     model.hf_config = {k: v for k, v in raw.items() if k != "_name_or_path"}
     return model.eval()

@@ -108,11 +108,25 @@ def local_index(rule: Rule, local: torch.Size, head_dim: int, group) -> tuple:
     return (slice(None),) * dim + (slice(r * n, (r + 1) * n),)
 
 
-def to_ours(rule: Rule, t: torch.Tensor, local: torch.Size) -> torch.Tensor:
-    """This rank's slice in HF layout -> our parameter's layout."""
-    if rule.kind in ("heads_in", "heads_out"):
-        return t.T.reshape(local)
-    return t.reshape(local)
+def hf_view(rule: Rule, p: torch.Tensor) -> torch.Tensor:
+    """Our local parameter viewed in the HF tensor's orientation (a view: writing it fills `p`).
+
+    Its shape is the shape of this rank's slice (`local_index`) of the HF tensor.
+    """
+    if rule.kind == "heads_in":  # (D, u, hd) -> (u*hd, D)
+        return p.view(p.shape[0], -1).T
+    if rule.kind == "heads_bias":  # (u, hd) -> (u*hd,)
+        return p.view(-1)
+    if rule.kind == "heads_out":  # (n, hd, D) -> (D, n*hd)
+        return p.view(-1, p.shape[-1]).T
+    return p
+
+
+def narrow_rows(index: tuple, r0: int, r1: int) -> tuple:
+    """`index` (from `local_index`) restricted to rows `[r0, r1)` of the slice it selects."""
+    first = index[0]
+    start = first.start or 0
+    return (slice(start + r0, start + r1), *index[1:])
 
 
 def full_ours(rule: Rule, p: torch.Tensor, group) -> torch.Tensor:

@@ -40,13 +40,17 @@ class _VocabTable(nn.Module):
     """A `(V, E)` table split on rows over the TP group when the group divides V, else replicated."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, sequence_parallel=False,
-                 init_base=None, salt=0, device=None, dtype=None):
+                 init_base=None, salt=0, split=None, device=None, dtype=None):
         super().__init__()
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.split = num_embeddings % self.tp_size == 0
+        divides = num_embeddings % self.tp_size == 0
+        if split and not divides:
+            raise ValueError(f"Received split=True for a vocabulary of {num_embeddings} rows over {self.tp_size} TP "
+                             "ranks, which does not divide it; pass split=None (replicate then) or pad the vocabulary.")
+        self.split = divides if split is None else bool(split)
         rows = num_embeddings // self.tp_size if self.split else num_embeddings
         self.row_start = self.tp_rank * rows if self.split else 0
         # N(0, 0.02) keyed by global row, so the table does not depend on the TP degree.
@@ -79,6 +83,8 @@ class VocabParallelEmbedding(_VocabTable):
         tp_group: process group, or None.
         sequence_parallel: return this rank's sequence shard `(B, T/tp, E)`.
         init_base, salt: seed of the initial N(0, 0.02) table (None: agreed over the TP group).
+        split: None splits the rows when the TP size divides V and replicates them
+            otherwise; False always replicates (bench/bench_hf_vocab.py compares both).
         device, dtype: of the table.
 
     Call arguments:
