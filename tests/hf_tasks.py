@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dist_mha.parallel import gather_sequence, shard_sequence
 from dist_mha.parallel.collectives import gather_from_tp
 from dist_mha.parallel.groups import size_of
 
@@ -74,3 +75,88 @@ def shard_sequence_tp(x, group):
 def gather_seq_tp(x, group):
     return gather_from_tp(group, x, 1)
 
+
+
+def _groups(ctx, tp, cp):
+    return ctx.grid(tp, cp) if cp > 1 else (ctx.group(tp), None)
+
+
+def model_parity(ctx, checkpoints: dict, ids, segment_ids, layouts) -> dict:
+    """`{(family, dtype, layout): max |ours - transformers|}` for plain and packed rows.
+
+    `checkpoints[(family, dtype)] = (path, reference logits, packed reference logits)`;
+    a layout is `(tp, cp, cp_mode, sequence_parallel)`; packed rows run where `segment_ids` is given.
+    """
+    from dist_mha.models import from_hf
+
+    out = {}
+    for (family, dtype), (path, ref, ref_packed) in checkpoints.items():
+        for layout in layouts:
+            tp, cp, mode, sp = layout
+            tp_group, cp_group = _groups(ctx, tp, cp)
+            model = from_hf(path, tp_group=tp_group, cp_group=cp_group, cp_mode=mode, sequence_parallel=sp)
+            with torch.no_grad():
+                local = shard_sequence(ids, cp_group) if cp_group is not None else ids
+                y = model(local)
+                y = gather_sequence(y, cp_group) if cp_group is not None else y
+                err = (y - ref).abs().max().item()
+                y = model(local, segment_ids=segment_ids)
+                y = gather_sequence(y, cp_group) if cp_group is not None else y
+                err_packed = (y - ref_packed).abs().max().item()
+            out[(family, dtype, layout)] = (err, err_packed, model.embed.split)
+    return out
+
+
+def generation(ctx, tp: int, checkpoints: dict, prompt, max_new_tokens: int) -> dict:
+    """`{family: generated tokens}` from `dist_mha.models.generation.generate` at TP=`tp`."""
+    from dist_mha.models import from_hf
+    from dist_mha.models.generation import generate
+
+    group = ctx.group(tp)
+    return {family: generate(from_hf(path, tp_group=group), prompt, max_new_tokens)
+            for family, path in checkpoints.items()}
+
+
+def export_round_trip(ctx, tp: int, path: str, out_dir: str) -> dict:
+    """from_hf at TP=`tp` -> to_hf (every rank) -> from_hf again: are this rank's weights bitwise equal?"""
+    from dist_mha.models import from_hf, to_hf
+
+    group = ctx.group(tp)
+    model = from_hf(path, tp_group=group)
+    to_hf(model, out_dir)  # collective; rank 0 writes (the pool's groups {0,1}, {2,3} both gather)
+    again = from_hf(out_dir, tp_group=group)
+    a, b = dict(model.named_parameters()), dict(again.named_parameters())
+    return {"same_names": a.keys() == b.keys(), "bitwise": all(torch.equal(a[k], b[k]) for k in a),
+            "dtypes": sorted({str(p.dtype) for p in b.values()})}
+
+
+def bytes_read(ctx, tp: int, path: str) -> dict:
+    """Bytes this rank reads from the safetensors files while loading at TP=`tp` (sharded reading)."""
+    from dist_mha.models import from_hf
+    from dist_mha.models.hf import load
+
+    seen = []
+    original = load._Directory.read
+
+    def spy(self, name, index):
+        t = original(self, name, index)
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    load._Directory.read = spy
+    try:
+        model = from_hf(path, tp_group=ctx.group(tp))
+    finally:
+        load._Directory.read = original
+    return {"read": sum(seen), "kept": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def load_error(ctx, tp: int, path: str) -> str:
+    """The ValueError from_hf raises at TP=`tp` (raised before any collective, so the pool survives)."""
+    from dist_mha.models import from_hf
+
+    try:
+        from_hf(path, tp_group=ctx.group(tp))
+    except ValueError as e:
+        return str(e)
+    return ""

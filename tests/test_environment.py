@@ -15,6 +15,6 @@ IN_CI = os.environ.get("DIST_MHA_CI") == "1"
 
 @pytest.mark.skipif(not IN_CI, reason="only in CI (DIST_MHA_CI=1, set by .ci/run)")
 @pytest.mark.parametrize("module", ["keras", "hydra", "omegaconf", "hydra_plugins.hydra_submitit_launcher",
-                                    "deepspeed", "matplotlib", "pytest"])
+                                    "deepspeed", "matplotlib", "pytest", "transformers", "safetensors"])
 def test_ci_has_every_oracle_and_launcher(module):
     importlib.import_module(module)

@@ -18,7 +18,6 @@ import torch
 pytest.importorskip("transformers", reason="needs transformers (the dev extra)")
 
 import hf_models  # noqa: E402
-
 from dist_mha.integrations import hf  # noqa: E402
 
 # float64 on both sides; the kernels differ (SDPA vs per-document SDPA vs math), so ~1e-15 of rounding remains.

@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("transformers", reason="needs transformers (the dev extra)")
 
 import hf_models  # noqa: E402
-
 from dist_mha.models.hf import config as hf_config  # noqa: E402
 from dist_mha.models.hf import weights  # noqa: E402
 

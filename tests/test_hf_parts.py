@@ -8,10 +8,10 @@ and without sequence parallelism) they equal one device in float64.
 
 from __future__ import annotations
 
-import hf_tasks
 import pytest
 import torch
 
+import hf_tasks
 from dist_mha.models.mlp import GatedMLP
 from dist_mha.models.norms import RMSNorm
 
