@@ -1,6 +1,7 @@
 """Context parallelism on CPU: per-rank peak memory and time of one attention call against the CP degree.
 
     python bench/bench_cp.py [--out bench/results/cp_cpu.json] [--quick] [--lengths 4096 8192 16384]
+                             [--masks causal padding packed]
 
 One `MultiHeadAttention` (E=256, 8 heads of 32, causal self-attention, B=1,
 float32) forward+backward on the whole sequence (CP=1) and on each rank's
@@ -13,6 +14,12 @@ allocator keeps), and its time (median of `--repeats`, measured without the
 probe). Memory is the point here: attention activations per rank should
 fall as 1/cp. Time on a 2-core machine with 2 or 4 rank processes sharing
 the cores says little about speed-up; the JSON records it anyway.
+
+`--masks`: "causal" alone; "padding" adds a `value_mask` that pads the
+last eighth of the row (ring blocks take it as a `(B, 1, 1, s)` bias: per
+rank memory must still fall as 1/cp); "packed" makes the row four documents
+(`segment_ids`: the mask varies along the queries, so ring blocks are cut
+into query tiles of `dist_mha.engine.context.RING_TILE_BYTES`).
 """
 
 from __future__ import annotations
@@ -62,7 +69,17 @@ class HeapPeak(TorchDispatchMode):
         return out
 
 
-def measure(ctx, T, cp, mode, repeats):
+def _masks(kind, T):
+    if kind == "padding":
+        keep = torch.ones(1, T, dtype=torch.bool)
+        keep[:, T - T // 8:] = False
+        return {"value_mask": keep}
+    if kind == "packed":
+        return {"segment_ids": torch.arange(T)[None] * 4 // T}
+    return {}
+
+
+def measure(ctx, T, cp, mode, repeats, masks="causal"):
     """Runs in each rank (or in the parent for cp=1): (peak extra bytes, median seconds) of one fwd+bwd."""
     from dist_mha import MultiHeadAttention
     from dist_mha.parallel import shard_sequence
@@ -75,9 +92,10 @@ def measure(ctx, T, cp, mode, repeats):
     x_full = torch.randn(1, T, E, generator=torch.Generator().manual_seed(1))
     x = (x_full if group is None else shard_sequence(x_full, group)).clone().requires_grad_()
     del x_full
+    call_masks = _masks(masks, T)
 
     def call():
-        out = layer(x, x, use_causal_mask=True)
+        out = layer(x, x, use_causal_mask=True, **call_masks)
         out.sum().backward()
         x.grad = None
         for p in layer.parameters():
@@ -109,6 +127,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cp_cpu.json"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--masks", nargs="+", default=["causal"], choices=["causal", "padding", "packed"])
     ap.add_argument("--quick", action="store_true", help="T=512 only, one repeat (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -120,21 +139,24 @@ def main(argv=None) -> dict:
     records = []
     pool = RankPool(world_size=4, tp_sizes=(1,), timeout=600.0, grids=((1, 2), (1, 4)))
     try:
-        for T in args.lengths:
-            torch.set_num_threads(1)
-            peak, secs, backend = bench_cp.measure(_Single(), T, 1, "ring", args.repeats)
-            records.append(dict(T=T, cp=1, mode="none", peak_extra_bytes_per_rank=peak, seconds=secs, backend=backend))
-            for mode in ("ring", "ulysses"):
-                for cp in (2, 4):
-                    res = pool.run(bench_cp.measure, T, cp, mode, args.repeats, timeout=1800)
-                    res = res[:cp]  # ranks of the first CP group (the others ran the same call)
-                    records.append(dict(T=T, cp=cp, mode=mode, peak_extra_bytes_per_rank=max(r[0] for r in res),
-                                        per_rank_peaks=[r[0] for r in res], seconds=max(r[1] for r in res),
-                                        backend=res[0][2]))
+        for masks in args.masks:
+            for T in args.lengths:
+                torch.set_num_threads(1)
+                peak, secs, backend = bench_cp.measure(_Single(), T, 1, "ring", args.repeats, masks)
+                records.append(dict(T=T, masks=masks, cp=1, mode="none", peak_extra_bytes_per_rank=peak, seconds=secs,
+                                    backend=backend))
+                for mode in ("ring", "ulysses"):
+                    for cp in (2, 4):
+                        res = pool.run(bench_cp.measure, T, cp, mode, args.repeats, masks, timeout=1800)
+                        res = res[:cp]  # ranks of the first CP group (the others ran the same call)
+                        records.append(dict(T=T, masks=masks, cp=cp, mode=mode,
+                                            peak_extra_bytes_per_rank=max(r[0] for r in res),
+                                            per_rank_peaks=[r[0] for r in res], seconds=max(r[1] for r in res),
+                                            backend=res[0][2]))
     finally:
         pool.close()
     for r in records:
-        base = next(b for b in records if b["T"] == r["T"] and b["cp"] == 1)
+        base = next(b for b in records if b["T"] == r["T"] and b["masks"] == r["masks"] and b["cp"] == 1)
         r["memory_vs_cp1"] = r["peak_extra_bytes_per_rank"] / max(base["peak_extra_bytes_per_rank"], 1)
         r["memory_x_cp"] = r["memory_vs_cp1"] * r["cp"]  # 1.0 = exactly 1/cp
     doc = {"machine": {"torch": torch.__version__, "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -143,10 +165,10 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print("| T | CP | mode | peak heap MiB / rank | x CP=1 | x CP=1 times cp | s (fwd+bwd) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| masks | T | CP | mode | peak heap MiB / rank | x CP=1 | x CP=1 times cp | s (fwd+bwd) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['T']} | {r['cp']} | {r['mode']} | {r['peak_extra_bytes_per_rank'] / 2**20:.1f} | "
+        print(f"| {r['masks']} | {r['T']} | {r['cp']} | {r['mode']} | {r['peak_extra_bytes_per_rank'] / 2**20:.1f} | "
               f"{r['memory_vs_cp1']:.2f} | {r['memory_x_cp']:.2f} | {r['seconds']:.2f} |")
     return doc
 

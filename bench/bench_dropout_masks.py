@@ -48,7 +48,7 @@ def worker(case: str) -> dict:
 
     torch.set_num_threads(1)
     if case == "mask":
-        from dist_mha.rng.streams import invariant_keep_mask
+        from dist_mha.rng.invariant import invariant_keep_mask
 
         heads = MASK_SHAPE[1]
 

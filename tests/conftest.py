@@ -42,6 +42,6 @@ def cuda_rank_pool():
         pytest.skip("needs CUDA, found none")
     from dist_mha.testing import RankPool
 
-    pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=60.0, device="cuda")
+    pool = RankPool(world_size=2, tp_sizes=(1, 2), timeout=60.0, device="cuda", grids=((1, 2),))
     yield pool
     pool.close()

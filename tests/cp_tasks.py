@@ -28,6 +28,8 @@ def cp_cases():
         ("key_padding_causal", base, (B, T, E), None, None, dict(use_causal_mask=True, value_mask=_keep(B, T, seed=1)), False),
         ("attention_mask", base, (B, T, E), None, None, dict(attention_mask=_keep(B, T, T, seed=2)), False),
         ("per_head_mask", base, (B, T, E), None, None, dict(attention_mask=_keep(B, 4, T, T, seed=3)), False),
+        # (B, 1, S): one row of keys for every query, broadcast as the README allows.
+        ("broadcast_mask", base, (B, T, E), None, None, dict(attention_mask=_keep(B, 1, T, seed=6)), False),
         ("query_mask_window", {**base, "sliding_window": 3}, (B, T, E), None, None,
          dict(query_mask=_keep(B, T, seed=4)), False),
         ("window_causal_gate", {**base, "sliding_window": 5, "use_gate": True}, (B, T, E), None, None,

@@ -22,10 +22,12 @@ import torch
 CALLS = []
 
 
-def _attend(q, k, v, scale, causal, window, dropout_p):
+def _attend(q, k, v, scale, causal, window, dropout_p, softcap=0.0, sinks=None):
     T, S, N, K = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     k, v = k.repeat_interleave(N // K, 2).float(), v.repeat_interleave(N // K, 2).float()
     scores = torch.einsum("btnh,bsnh->bnts", q.float(), k) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     i = torch.arange(T)[:, None] + (S - T)
     j = torch.arange(S)[None, :]
     keep = torch.ones(T, S, dtype=torch.bool)
@@ -33,7 +35,10 @@ def _attend(q, k, v, scale, causal, window, dropout_p):
         keep &= j <= i
     if window is not None and tuple(window) != (-1, -1) and tuple(window) != (None, None):
         keep &= (j >= i - window[0]) & (j <= i + window[1])
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if sinks is not None:  # a logit column per head, dropped after the softmax
+        scores = torch.cat([scores, sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], -1)
+    probs = scores.softmax(-1)[..., :S]
     if dropout_p:
         probs = torch.nn.functional.dropout(probs, dropout_p)
     return torch.einsum("bnts,bsnh->btnh", probs, v).to(q.dtype)
@@ -59,11 +64,11 @@ def _check_varlen(cu_q, cu_k, max_q, max_k, seqused_q=None, seqused_k=None):
         raise RuntimeError("a key sequence is longer than max_seqlen_k")
 
 
-def _varlen(q, k, v, cu_q, cu_k, scale, causal, window, dropout_p):
+def _varlen(q, k, v, cu_q, cu_k, scale, causal, window, dropout_p, softcap=0.0, sinks=None):
     outs = []
     for b in range(len(cu_q) - 1):
         qs, ks, vs = (t[c[b]:c[b + 1]][None] for t, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
-        outs.append(_attend(qs, ks, vs, scale, causal, window, dropout_p)[0])
+        outs.append(_attend(qs, ks, vs, scale, causal, window, dropout_p, softcap, sinks)[0])
     return torch.cat(outs)
 
 
@@ -91,8 +96,8 @@ _FA2 = _CORE + '''
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     _check_qkv(q, k, v)
-    _record("dense", q, k, v, dropout_p=dropout_p, causal=causal, window_size=window_size)
-    return _attend(q, k, v, softmax_scale, causal, window_size, dropout_p)
+    _record("dense", q, k, v, dropout_p=dropout_p, causal=causal, window_size=window_size, softcap=softcap)
+    return _attend(q, k, v, softmax_scale, causal, window_size, dropout_p, softcap)
 
 
 @_unobserved
@@ -101,8 +106,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None):
     _check_qkv(q, k, v)
     _check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _record("varlen", q, k, v, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p)
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size, dropout_p)
+    _record("varlen", q, k, v, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+            softcap=softcap)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size, dropout_p, softcap)
 '''
 
 # FA3 of the v2.7.3/2.7.4 era (hopper/flash_attn_interface.py, January 2025): seqused_q/k, with no
@@ -158,8 +164,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None
                     full_block_cnt=None, full_block_idx=None, mask_block_cnt=None, mask_block_idx=None,
                     block_size=None, return_lse=False):
     _check_qkv(q, k, v)
-    _record("dense", q, k, v, causal=causal, window_size=window_size)
-    return _attend(q, k, v, softmax_scale, causal, window_size, 0.0), None
+    _record("dense", q, k, v, causal=causal, window_size=window_size, softcap=softcap, learnable_sink=learnable_sink)
+    return _attend(q, k, v, softmax_scale, causal, window_size, 0.0, softcap, learnable_sink), None
 
 
 @_unobserved
@@ -169,13 +175,35 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, sequse
                            score_mod=None, aux_tensors=None, return_lse=False):
     _check_qkv(q, k, v)
     _check_varlen(cu_seqlens_q, cu_seqlens_k, None, None, seqused_q, seqused_k)
-    _record("varlen", q, k, v)
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size, 0.0), None
+    _record("varlen", q, k, v, softcap=softcap, learnable_sink=learnable_sink)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size, 0.0, softcap,
+                   learnable_sink), None
+'''
+
+# flash-attn 2.8.x: flash_attn/layers/rotary.py (signature of apply_rotary_emb; plain torch inside).
+_ROTARY = '''
+import torch
+
+CALLS = []
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    if cos.dtype != x.dtype or cos.dim() != 2 or cos.shape != sin.shape:
+        raise RuntimeError("cos and sin must be (seqlen_rotary, rotary_dim / 2) in the input's dtype")
+    CALLS.append(dict(shape=tuple(x.shape), table=tuple(cos.shape), interleaved=interleaved, offset=seqlen_offsets))
+    T, R = x.shape[1], 2 * cos.shape[1]
+    c = cos[seqlen_offsets:seqlen_offsets + T][None, :, None]
+    s_ = sin[seqlen_offsets:seqlen_offsets + T][None, :, None]
+    rot = x[..., :R].unflatten(-1, (R // 2, 2) if interleaved else (2, R // 2))
+    a, b = (rot[..., 0], rot[..., 1]) if interleaved else (rot[..., 0, :], rot[..., 1, :])
+    pair = torch.stack([a * c - b * s_, b * c + a * s_], -1 if interleaved else -2).flatten(-2)
+    return torch.cat([pair, x[..., R:]], -1)
 '''
 
 FAKES = {
     # name: {relative path: source}
-    "fa2": {"flash_attn/__init__.py": _FA2},
+    "fa2": {"flash_attn/__init__.py": _FA2, "flash_attn/layers/__init__.py": "", "flash_attn/layers/rotary.py": _ROTARY},
     "fa3_2025_01": {"flash_attn_interface.py": _FA3_2025_01},
     "fa3_2024_08": {"flash_attn_interface.py": _FA3_2024_08},
     # The flash-attn-4 wheel alone: flash_attn/cute/ with no flash_attn/__init__.py.

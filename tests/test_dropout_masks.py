@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_mha.rng.counter import keep_mask, mix64, uniform
-from dist_mha.rng.streams import invariant_keep_mask
+from dist_mha.rng.invariant import invariant_keep_mask
 
 
 @pytest.mark.parametrize("shape,index", [

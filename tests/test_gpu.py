@@ -219,3 +219,16 @@ def _ring_blocks_on_cuda(kv_heads):
 @pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
 def test_ring_blocks_on_cuda_flash_kernels_match_exact_attention(kv_heads):
     _ring_blocks_on_cuda(kv_heads)
+
+
+@needs_cuda
+@pytest.mark.parametrize("masks", ["causal", "padding", "packed"])
+def test_ring_on_cuda_matches_one_device(cuda_rank_pool, masks):
+    # Through dist_mha/parallel/cp/ring.py with B=2 rows x 4 heads (a misread LSE row would show at once):
+    # flash blocks without a mask, memory-efficient blocks with padding or packed documents. bf16
+    # against float32: 3e-2 of the largest value.
+    import sweep_tasks
+
+    for why, errors in cuda_rank_pool.run(sweep_tasks.ring_on_cuda, masks):
+        assert max(errors.values()) < 3e-2, (errors, why)
+        assert "cuda_flash" in why and (masks == "causal" or "cuda_efficient" in why), why

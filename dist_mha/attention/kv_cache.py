@@ -93,19 +93,23 @@ class KVCache:
             k_all = torch.cat([k_prev, k_BSkH.to(self.k_BLkH.dtype)], dim=1)
             v_all = torch.cat([v_prev, v_BSkH.to(self.v_BLkH.dtype)], dim=1)
             self._live = (k_all, v_all)
-            with torch.no_grad():
-                self.k_BLkH[:, L:L + S] = k_BSkH
-                self.v_BLkH[:, L:L + S] = v_BSkH
         else:
             self._live = None
-            with torch.no_grad():
-                self.k_BLkH[:, L:L + S] = k_BSkH
-                self.v_BLkH[:, L:L + S] = v_BSkH
+            k_all = v_all = None
+        with torch.no_grad():
+            self.k_BLkH[:, L:L + S] = k_BSkH
+            self.v_BLkH[:, L:L + S] = v_BSkH
+        if k_all is None:
             k_all, v_all = self.k_BLkH[:, :L + S], self.v_BLkH[:, :L + S]
+            if torch.is_grad_enabled():
+                # Another input of this call may need gradients (the queries): autograd would save these
+                # views of buffers the next call writes in place, so it gets copies.
+                k_all, v_all = k_all.clone(), v_all.clone()
         if keep_BS is not None and self.keep_BL is None:
             self.keep_BL = torch.ones(B, self.max_length, dtype=torch.bool, device=self.k_BLkH.device)
         if self.keep_BL is not None:
             self.keep_BL[:, L:L + S] = True if keep_BS is None else keep_BS
         self.length = L + S
-        keep = None if self.keep_BL is None else self.keep_BL[:, :L + S]
+        # A copy, never a view: kernels may save the mask for backward, and the next call writes the buffer.
+        keep = None if self.keep_BL is None else self.keep_BL[:, :L + S].clone()
         return k_all, v_all, keep, L

@@ -15,6 +15,7 @@ positions the same way. The result is exactly what the equivalent
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -40,6 +41,20 @@ def _ids(x, name, shape, device):
     return x.to(device=device, dtype=torch.int64)
 
 
+def _ndim(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.dim()
+    try:
+        return np.ndim(x)
+    except ValueError:  # ragged nested lists
+        return -1
+
+
+def is_pair(segment_ids) -> bool:
+    """A `(query_ids, key_ids)` pair: two 2-D id arrays. A list of two rows of ids is one `(2, T)` tensor."""
+    return isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2 and all(_ndim(x) == 2 for x in segment_ids)
+
+
 def parse_segment_ids(segment_ids, query_shape, value_shape, self_attention: bool, device):
     """`(q_ids_BT, k_ids_BS)` from the call argument, or `(None, None)`.
 
@@ -52,7 +67,7 @@ def parse_segment_ids(segment_ids, query_shape, value_shape, self_attention: boo
     if len(query_shape) != 3:
         raise ValueError(f"`segment_ids` take rank-3 inputs (batch, seq, features). Received query of shape "
                          f"{tuple(query_shape)}")
-    if isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2 and not isinstance(segment_ids[0], (int, bool)):
+    if is_pair(segment_ids):
         q = _ids(segment_ids[0], "segment_ids[0] (query ids)", query_shape[:2], device)
         k = _ids(segment_ids[1], "segment_ids[1] (key ids)", value_shape[:2], device)
         return q, k

@@ -26,6 +26,7 @@ from torch import nn
 
 from dist_mha.attention.kv_cache import KVCache
 from dist_mha.attention.layout import normalize_attention_axes
+from dist_mha.attention.rope import Rope
 from dist_mha.engine import call, projections, stages
 from dist_mha.engine import config as cfg
 from dist_mha.engine.dropout import DropoutStreams
@@ -49,7 +50,8 @@ class AttentionCore(DropoutStreams, nn.Module):
         use_bias, sliding_window, flash_attention, kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint, bias_constraint, use_gate, seed, query_shape,
         value_shape, key_shape, attention_backend, device, dtype, tp_group, sequence_parallel, dropout_mode,
-        check_ranks, name, trainable, kwargs, cp_group=None, cp_mode="ring",
+        check_ranks, name, trainable, kwargs, cp_group=None, cp_mode="ring", rope=None, qk_norm=None, qk_norm_eps=1e-6,
+        logit_softcap=None, attention_sinks=False, scale=None, output_bias=None,
     ):
         kwargs.pop("autocast", None)  # Keras base-layer flag; torch.autocast governs here.
         if kwargs:
@@ -73,27 +75,12 @@ class AttentionCore(DropoutStreams, nn.Module):
         self._kernel_regularizer, self._bias_regularizer = kernel_regularizer, bias_regularizer
         self._activity_regularizer = activity_regularizer
         self._kernel_constraint, self._bias_constraint = kernel_constraint, bias_constraint
-        self.tp_group = cfg.process_group("tp_group", tp_group)
-        self.tp_size = groups.size_of(self.tp_group)
-        self.tp_rank = groups.rank_of(self.tp_group)
-        sharding.check_heads_divisible(num_heads, self.tp_size, num_kv_heads)
-        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
-        if dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
-        self.dropout_mode = dropout_mode
-        self.cp_group = cfg.process_group("cp_group", cp_group)
-        self.cp_size, self.cp_rank = groups.size_of(self.cp_group), groups.rank_of(self.cp_group)
-        self.cp_mode = cp_mode
-        cp_layout.check_cp_layer(self, self.cp_group, cp_mode)
-        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
-        # The rank-agreement check runs on gloo companions of the TP and CP groups.
-        self._check_groups = [groups.cpu_group(g) for g, n in ((self.tp_group, self.tp_size),
-                                                                 (self.cp_group, self.cp_size)) if n > 1]
+        self._init_parallel(tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks)
         self.name = name or layer_name
         self._param_dtype = cfg.param_dtype(dtype)
         self._compute_dtype = cfg.compute_dtype(dtype)  # Keras mixed policies: inputs are cast to it
         self._device = torch.device(device) if device is not None else None
-        self._inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self._key_dim))
+        self._init_features(rope, qk_norm, qk_norm_eps, logit_softcap, attention_sinks, scale, output_bias)
         self._dropout_stream = None  # created at build, when the TP rank's seed is known
         self.replicated_stream = None
         self._invariant_calls = None
@@ -106,6 +93,38 @@ class AttentionCore(DropoutStreams, nn.Module):
             self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
         elif value_shape is not None or key_shape is not None:
             raise ValueError("Received `value_shape`/`key_shape` without `query_shape`; pass query_shape too to build eagerly.")
+
+    def _init_features(self, rope, qk_norm, qk_norm_eps, logit_softcap, attention_sinks, scale, output_bias):
+        """The extras of today's LLMs (rotary positions, QK-norm, soft-capping, sinks, a score scale), checked."""
+        self._rope = None if rope is None else Rope.from_dict(rope, self._key_dim)
+        if qk_norm not in (None, "rms"):
+            raise ValueError(f"Received an invalid value for argument `qk_norm`, expected None or 'rms' (RMSNorm of "
+                             f"each query and key head over key_dim). Received: qk_norm={qk_norm!r}")
+        self._qk_norm = qk_norm
+        self._qk_norm_eps = cfg.positive_float("qk_norm_eps", qk_norm_eps)
+        self._logit_softcap = cfg.positive_float("logit_softcap", logit_softcap, allow_none=True)
+        self._attention_sinks = cfg.boolean("attention_sinks", attention_sinks)
+        self._scale_arg = cfg.positive_float("scale", scale, allow_none=True)
+        self._scale = self._scale_arg if self._scale_arg is not None else 1.0 / math.sqrt(float(self._key_dim))
+        self._output_bias = None if output_bias is None else cfg.boolean("output_bias", output_bias)
+
+    def _init_parallel(self, tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks):
+        """The TP and CP groups and modes, checked before any collective."""
+        self.tp_group = cfg.process_group("tp_group", tp_group)
+        self.tp_size, self.tp_rank = groups.size_of(self.tp_group), groups.rank_of(self.tp_group)
+        sharding.check_heads_divisible(self._num_heads, self.tp_size, self._num_kv_heads)
+        self.sequence_parallel = cfg.boolean("sequence_parallel", sequence_parallel)
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"Received an invalid value for argument `dropout_mode`, expected one of {DROPOUT_MODES}. Received: dropout_mode={dropout_mode!r}")
+        self.dropout_mode = dropout_mode
+        self.cp_group = cfg.process_group("cp_group", cp_group)
+        self.cp_size, self.cp_rank = groups.size_of(self.cp_group), groups.rank_of(self.cp_group)
+        self.cp_mode = cp_mode
+        cp_layout.check_cp_layer(self, self.cp_group, cp_mode)
+        self.check_ranks = cfg.boolean("check_ranks", check_ranks)
+        # The rank-agreement check runs on gloo companions of the TP and CP groups.
+        self._check_groups = [groups.cpu_group(g) for g, n in ((self.tp_group, self.tp_size),
+                                                                 (self.cp_group, self.cp_size)) if n > 1]
 
     # -- build ----------------------------------------------------------------
     def build(self, query_shape, value_shape, key_shape=None):
@@ -142,13 +161,17 @@ class AttentionCore(DropoutStreams, nn.Module):
         for proj in projections.build_projections(self, query_shape[-1], value_shape[-1], key_shape[-1], rank):
             self.add_module(proj.name, proj)
             projections.initialize(proj, self._kernel_initializer, self._bias_initializer, base, self.tp_group)
+        projections.build_extras(self)
         self._make_streams(base)
         self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
         self.built = True
         self.trainable = self._trainable
 
     def _check_build_rank(self, rank: int) -> None:
-        """Layers that take only some input ranks override this."""
+        """Layers that take only some input ranks override this (and call this one)."""
+        if self._rope is not None and rank != 3:
+            raise ValueError(f"Received inputs of rank {rank} with `rope`: rotary positions take rank-3 inputs "
+                             "(batch, seq, features). Drop `rope` or use rank-3 inputs.")
 
     def _sub(self, name):
         if not self.built:
@@ -208,14 +231,17 @@ class AttentionCore(DropoutStreams, nn.Module):
         local_scores=False,
         cache=None,
         segment_ids=None,
+        position_ids=None,
     ):
         mask_args = dict(query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
-                         attention_mask=attention_mask, segment_ids=segment_ids)
+                         attention_mask=attention_mask, segment_ids=segment_ids, position_ids=position_ids)
         c = call.validate(self, query, value, key, mask_args, return_attention_scores, training, use_causal_mask,
                           cache, local_scores)
         stages.enter_region(self, c)
         stages.masks(self, c)
         stages.project(self, c)
+        stages.normalize_qk(self, c)
+        stages.rotate(self, c)
         stages.append_to_cache(self, c)
         stages.attend(self, c)
         stages.project_output(self, c)

@@ -28,7 +28,7 @@ class Call:
     query: torch.Tensor
     value: torch.Tensor
     key: torch.Tensor
-    mask_args: dict  # query_mask, value_mask, key_mask, attention_mask, segment_ids as given
+    mask_args: dict  # query_mask, value_mask, key_mask, attention_mask, segment_ids, position_ids as given
     return_scores: bool
     local_scores: bool
     causal: bool
@@ -83,7 +83,7 @@ def validate(layer, query, value, key, mask_args: dict, return_scores, training,
     dropout_p = layer._dropout if training else 0.0
     pending = None
     if agree:
-        masks = [mask_args[k] for k in ("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids")]
+        masks = [mask_args[k] for k in inputs.MASK_ARGS]
         pending = inputs.check_tp_call(layer, query, value, key, masks, return_scores, causal, dropout_p > 0,
                                        -1 if cache is None else cache.length, local_error,
                                        wait=torch.compiler.is_compiling())  # compiled: one break, here

@@ -35,6 +35,14 @@ def positive_int(name: str, value, allow_none: bool = False) -> int | None:
     return value
 
 
+def positive_float(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise _invalid(name, "a positive finite number" + (" or `None`" if allow_none else ""), value)
+    return float(value)
+
+
 def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise _invalid(name, "a boolean (True or False)", value)
@@ -168,6 +176,13 @@ def dtype_policy_config(dtype: torch.dtype) -> dict:
         "config": {"name": dtype_name(dtype)},
         "registered_name": None,
     }
+
+
+def shape_tuple(name: str, shape) -> tuple:
+    """A shape given as a sequence of ints/None, as a tuple (output-shape computations take any rank)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise _invalid(name, "a shape tuple such as (batch, seq, features)", shape)
+    return tuple(shape)
 
 
 def input_shape(name: str, shape) -> tuple:

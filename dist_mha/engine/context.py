@@ -28,12 +28,13 @@ from dist_mha.attention.kernels.request import zero_rows
 from dist_mha.attention.masks import MaskSpec
 from dist_mha.parallel.cp import ring, ulysses
 from dist_mha.parallel.cp.layout import positions
-from dist_mha.rng.streams import InvariantKeep
+from dist_mha.rng.invariant import InvariantKeep
 
 # Ring blocks whose masks vary along the queries (packed documents, an attention_mask) and math
 # blocks (five (B, n, t, s) float32 temporaries) are cut into query tiles that keep one block's
 # transient memory near this budget, so per-rank memory grows with T/cp, not (T/cp)^2.
 RING_TILE_BYTES = 64 * 2**20
+RING_MIN_TILE = 16  # rows: below this a tile's kernel launches cost more than its memory saves
 
 
 def attend(layer, req: AttentionRequest, h0: int, h1: int, T: int, S: int):
@@ -53,13 +54,13 @@ def _tile(kernels, m: MaskSpec, B: int, n: int, t: int, s: int) -> int | None:
     if not (varies or math_blocks):
         return None
     per_row = (5 * 4 * n if math_blocks else 5) * B * s  # bytes of one query row's block temporaries
-    return max(16, RING_TILE_BYTES // max(per_row, 1)) if per_row * t > RING_TILE_BYTES else None
+    return max(RING_MIN_TILE, RING_TILE_BYTES // max(per_row, 1)) if per_row * t > RING_TILE_BYTES else None
 
 
 def _ring(layer, req, h0, h1, T, S):
     q, k, v, m = req.q_BTNH, req.k_BSNH, req.v_BSNH, req.masks
     kernels = blockwise.choose(q.transpose(1, 2), v, req.dropout_p > 0, layer._attention_backend,
-                               layer._flash_attention)
+                               layer._flash_attention, req.softcap)
     forced = layer._attention_backend
     refused = forced in ("flash", "varlen") or (forced == "sdpa" and "math" in (kernels.unmasked, kernels.masked))
     if layer._flash_attention is True or refused:
@@ -85,13 +86,14 @@ def _ring(layer, req, h0, h1, T, S):
 
     kernel = SimpleNamespace(
         forward=lambda q_, k_, v_, mask, kp, causal, state: blockwise.forward(
-            kernels, q_, k_, v_, mask, req.scale, kp, rate, causal, state),
+            kernels, q_, k_, v_, mask, req.scale, kp, rate, causal, state, req.softcap),
         backward=lambda dO, q_, k_, v_, O, L, D, mask, kp, causal, state: blockwise.backward(
-            kernels, dO, q_, k_, v_, O, L, D, mask, req.scale, kp, rate, causal, state),
-        merge=blockwise.merge, lse_dtype=blockwise.lse_dtype)
+            kernels, dO, q_, k_, v_, O, L, D, mask, req.scale, kp, rate, causal, state, req.softcap),
+        merge=blockwise.merge, lse_dtype=blockwise.lse_dtype, add_sinks=blockwise.add_sinks,
+        sinks_grad=blockwise.sinks_grad)
     t, s = q.shape[1], k.shape[1]
     plan = ring.RingPlan(layer.cp_group, T, S, kernel, block, _tile(kernels, m, B, q.shape[2], t // 2, s // 2))
-    out = ring.ring_attention(q, k, v, plan)
+    out = ring.ring_attention(q, k, v, plan, req.sinks)
     layer.__dict__["last_ring_blocks"] = (plan.blocks, plan.skipped)  # computed, skipped (causal/window)
     if m.q_keep_BT is not None:
         rows = m.q_keep_BT.index_select(1, positions(T, layer.cp_group, device))
@@ -112,7 +114,8 @@ def _ulysses(layer, req, h0, h1, T, S):
     if dense is not None and dense.shape[1] == n != c1 - c0:
         dense = dense[:, c0:c1]  # a per-head mask: this rank's heads
     masks = MaskSpec(m.q_keep_BT, m.k_keep_BS, dense, m.causal, m.window, 0, m.q_seg_BT, m.k_seg_BS)
-    local = AttentionRequest(q_full, k_full, v_full, masks, req.scale, req.dropout_p, False)
+    local = AttentionRequest(q_full, k_full, v_full, masks, req.scale, req.dropout_p, False, softcap=req.softcap,
+                             sinks=None if req.sinks is None else req.sinks[c0:c1])
     if req.dropout_p > 0 and layer.dropout_mode == "tp_invariant":
         local.dropout_keep = InvariantKeep(layer._invariant_calls, layer._num_heads, T, S, h0 + c0, h0 + c1,
                                            req.dropout_p)

@@ -10,7 +10,8 @@ position). Mixed into `AttentionCore`.
 from __future__ import annotations
 
 from dist_mha.attention.kernels import AttentionRequest
-from dist_mha.rng.streams import CallCounter, InvariantKeep, RNGStream, stream_seed
+from dist_mha.rng.invariant import InvariantKeep
+from dist_mha.rng.streams import CallCounter, RNGStream, stream_seed
 
 
 class DropoutStreams:

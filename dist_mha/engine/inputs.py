@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dist_mha.attention.segments import is_pair
 from dist_mha.parallel import agreement
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,6 +31,12 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
             "KV-cache decoding runs without sequence parallelism (a decoding step has one position). Build the "
             "layer (or model) for generation with sequence_parallel=False: the weights are the same."
         )
+    if layer._rope is not None and layer._rope.rope_type == "dynamic":
+        raise ValueError(
+            "rope_type='dynamic' rescales every position by the longest one of a call, so keys cached by earlier "
+            "calls were rotated with other frequencies: it cannot be exact with a KV cache. Use another rope_type "
+            "for decoding, or call without a cache."
+        )
     if causal and value.shape[1] != query.shape[1]:
         raise ValueError(
             "With use_causal_mask=True and a cache, each call appends the keys of its own positions: `value` must "
@@ -38,7 +45,8 @@ def check_cache_call(layer, cache, query, value, causal) -> None:
 
 
 _MASK_DTYPES = ("bool", "int", "float", "other")
-_CHECK_VALUES = 1 + 3 * 10 + 5 * 3 + 4  # the flag, query/value/key, four masks and segment ids, call flags
+MASK_ARGS = ("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids", "position_ids")
+_CHECK_VALUES = 1 + 3 * 10 + len(MASK_ARGS) * 3 + 4  # the flag, query/value/key, masks and ids, call flags
 
 
 def _mask_signature(m) -> tuple[int, int, int, str]:
@@ -49,8 +57,8 @@ def _mask_signature(m) -> tuple[int, int, int, str]:
     """
     if m is None:
         return -1, 0, -1, "None"
-    if isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(x, torch.Tensor) for x in m):
-        shape = (tuple(m[0].shape), tuple(m[1].shape))  # segment ids of query and keys
+    if is_pair(m):
+        shape = (tuple(np.shape(m[0])), tuple(np.shape(m[1])))  # segment ids of query and keys
         return 2, hash(shape) & ((1 << 62) - 1), 1, str(shape)
     shape = tuple(np.shape(m)) if isinstance(m, (torch.Tensor, np.ndarray, list, tuple)) else ("not an array",)
     dtype = getattr(m, "dtype", None)
@@ -89,7 +97,7 @@ def check_tp_call(layer, query, value, key, masks, return_scores, causal, dropou
         values += [x.dim(), *dims, FLOAT_DTYPES.index(x.dtype)]
         names += [f"{name}.ndim", *[f"{name}.shape[{i}]" for i in range(8)], f"{name}.dtype"]
         shown += [str(x.dim()), *[str(d) for d in dims], str(x.dtype).replace("torch.", "")]
-    for name, m in zip(("query_mask", "value_mask", "key_mask", "attention_mask", "segment_ids"), masks):
+    for name, m in zip(MASK_ARGS, masks):
         ndim, shape_hash, kind, text = _mask_signature(m)
         values += [ndim, shape_hash, kind]
         names += [f"{name}.ndim", f"{name}.shape", f"{name}.dtype"]
@@ -138,8 +146,8 @@ class _PendingCheck:
             _explain_disagreement(first)
 
 
-def check_inputs(layer, query, value, key):
-    """Converts and validates `query`, `value`, `key`; builds the layer on first use."""
+def _as_tensors(query, value, key) -> list:
+    """`[query, value, key or None]` as floating tensors of rank >= 3, checked in Keras's order."""
     tensors = []
     for name, x in (("query", query), ("value", value), ("key", key)):
         if x is None:
@@ -156,12 +164,45 @@ def check_inputs(layer, query, value, key):
                 f"Received an invalid value for argument `{name}`, expected a floating tensor "
                 f"(float16, bfloat16, float32, float64). Received: {name}.dtype={x.dtype}"
             )
-        if x.dim() < 3:
+        tensors.append(x)
+    value, key = tensors[1], tensors[2] if tensors[2] is not None else tensors[1]
+    if value.shape[:-1] != key.shape[:-1]:  # Keras checks this first (a key of another rank included)
+        raise ValueError(
+            "All dimensions of `value` and `key`, except the last one, must be equal. "
+            f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
+        )
+    for name, x in zip(("query", "value", "key"), tensors):
+        if x is not None and x.dim() < 3:
             raise ValueError(
                 f"Received an invalid value for argument `{name}`, expected a tensor of rank >= 3 "
                 f"(batch, ..., features). Received: {name}.shape={tuple(x.shape)}"
             )
-        tensors.append(x)
+    return tensors
+
+
+def _check_against_layer(layer, query, value, key) -> None:
+    """The inputs fit the built layer: rank, feature sizes, batch dims, device."""
+    dq, dv, dk, rank = layer._built_dims
+    for name, x, d in (("query", query, dq), ("value", value, dv), ("key", key, dk)):
+        if x.dim() != rank or x.shape[-1] != d:
+            raise ValueError(
+                f"Received an invalid value for argument `{name}`: the layer was built for rank-{rank} "
+                f"inputs with {d} features, got shape {tuple(x.shape)}. Build a new layer for other shapes."
+            )
+    for d in (d for d in range(rank - 1) if d not in layer._attention_axes):
+        if query.shape[d] != value.shape[d]:
+            raise ValueError(
+                f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
+                f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
+            )
+    kernel = layer._modules["query"].kernel
+    if kernel.device != query.device:
+        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
+
+
+def check_inputs(layer, query, value, key):
+    """Converts and validates `query`, `value`, `key`; builds the layer on first use."""
+    tensors = _as_tensors(query, value, key)
     compute = getattr(layer, "_compute_dtype", None)
     if compute is not None:
         # A Keras mixed policy casts floating inputs to its compute dtype (once per
@@ -180,26 +221,5 @@ def check_inputs(layer, query, value, key):
         if layer._device is None:
             layer._device = query.device
         layer.build(tuple(query.shape), tuple(value.shape), tuple(key.shape))
-    dq, dv, dk, rank = layer._built_dims
-    for name, x, d in (("query", query, dq), ("value", value, dv), ("key", key, dk)):
-        if x.dim() != rank or x.shape[-1] != d:
-            raise ValueError(
-                f"Received an invalid value for argument `{name}`: the layer was built for rank-{rank} "
-                f"inputs with {d} features, got shape {tuple(x.shape)}. Build a new layer for other shapes."
-            )
-    if value.shape[:-1] != key.shape[:-1]:
-        raise ValueError(
-            "All dimensions of `value` and `key`, except the last one, must be equal. "
-            f"Received: value.shape={tuple(value.shape)} and key.shape={tuple(key.shape)}"
-        )
-    batch_dims = [d for d in range(rank - 1) if d not in layer._attention_axes]
-    for d in batch_dims:
-        if query.shape[d] != value.shape[d]:
-            raise ValueError(
-                f"`query` and `value` must agree on dim {d} (a batch or non-attention dim). "
-                f"Received: query.shape={tuple(query.shape)}, value.shape={tuple(value.shape)}"
-            )
-    kernel = layer._modules["query"].kernel
-    if kernel.device != query.device:
-        raise ValueError(f"Inputs are on {query.device} but the layer's weights are on {kernel.device}; move one of them (layer.to(device)).")
+    _check_against_layer(layer, query, value, key)
     return query, value, key

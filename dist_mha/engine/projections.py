@@ -124,8 +124,11 @@ def build_projections(layer, dq: int, dv: int, dk: int, rank: int) -> list[Einsu
                   projection_equation(rank - 1, 2, len(out)), None))
     projs = []
     for name, in_dims, out_dims, global_kernel, k_dim, b_dim, units, reps, eq, act in specs:
+        use_bias = layer._use_bias
+        if name == "attention_output" and layer._output_bias is not None:
+            use_bias = layer._output_bias  # e.g. Qwen2: biases on q/k/v, none on the output
         proj = EinsumProjection(
-            name, in_dims, out_dims, layer._use_bias, eq, activation=act, dtype=layer._param_dtype,
+            name, in_dims, out_dims, use_bias, eq, activation=act, dtype=layer._param_dtype,
             device=layer._device, kernel_shard_dim=k_dim, bias_shard_dim=b_dim, global_kernel_shape=global_kernel,
             global_bias_shape=global_kernel[len(in_dims):] if b_dim is not None else out,
             shard_units=units, replicas=reps,
@@ -157,3 +160,29 @@ def initialize(proj: EinsumProjection, kernel_init, bias_init, base: int, group)
                 index=sharding.shard_index(proj.global_bias_shape, proj.bias_shard_dim, proj.shard_units, group),
             )
             proj.bias.copy_(torch.as_tensor(bias))
+
+
+class NormWeight(nn.Module):
+    """The `(key_dim,)` weight of a QK-norm (RMSNorm of every head), shared by all heads; replicated under TP."""
+
+    def __init__(self, key_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(key_dim, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"key_dim={self.weight.shape[0]}"
+
+
+def build_extras(layer) -> None:
+    """QK-norm weights (`query_norm`, `key_norm`) and attention sinks (`sinks`, this rank's heads), as asked.
+
+    Norm weights start at 1 (the identity scale) and sinks at 0 (a logit as
+    large as a key's whose score is 0); both are equal on every rank.
+    """
+    if layer._qk_norm is not None:
+        for name in ("query_norm", "key_norm"):
+            layer.add_module(name, NormWeight(layer._key_dim, layer._param_dtype, layer._device))
+    if layer._attention_sinks:
+        h0, h1 = sharding.head_range(layer._num_heads, layer.tp_group)
+        layer.sinks = nn.Parameter(torch.zeros(h1 - h0, dtype=layer._param_dtype, device=layer._device))
+        mark_sharded(layer.sinks, tp_size=layer.tp_size)

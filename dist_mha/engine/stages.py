@@ -4,23 +4,25 @@ Shape legend: B batch, T/S query/key positions (after layout.py folds
 multi-axis attention; global under context parallelism), N query heads, n
 this TP rank's, H key_dim, Hv value_dim, E input features.
 
-validate (call.py) -> enter_region -> masks -> project -> append_to_cache ->
-attend -> project_output -> results. Each stage reads and writes fields of
+validate (call.py) -> enter_region -> masks -> project -> normalize_qk ->
+rotate -> append_to_cache -> attend -> project_output -> results. Each stage reads and writes fields of
 the `Call`; a new feature is a new stage (one line in the forward) or a
 kernel capability, never a second copy of one of these.
 """
 
 from __future__ import annotations
 
+from dist_mha.attention import rotary
 from dist_mha.attention.keras_masks import build_mask_spec
 from dist_mha.attention.kernels import AttentionRequest, attention
 from dist_mha.attention.layout import AttentionLayout
 from dist_mha.attention.segments import parse_segment_ids
-from dist_mha.engine import compaction
+from dist_mha.engine import compaction, positions
 from dist_mha.engine import context as cp_attention
 from dist_mha.engine.call import Call
 from dist_mha.engine.fused_projection import project as project_inputs
 from dist_mha.parallel import region
+from dist_mha.parallel.collectives import copy_to_tp
 from dist_mha.parallel.tp import sharding
 
 
@@ -71,6 +73,39 @@ def project(layer, c: Call) -> None:
     c.q, c.k, c.gate, c.v = (None if y is None else compaction.scatter_rows(y, c.rows, lead) for y in projected)
 
 
+def normalize_qk(layer, c: Call) -> None:
+    """QK-norm: RMSNorm of every query and key head over key_dim (Qwen3), before the rotation."""
+    if layer._qk_norm is None:
+        return
+    w_q, w_k = layer._modules["query_norm"].weight, layer._modules["key_norm"].weight
+    if layer.tp_size > 1:
+        # Replicated weights used on this rank's heads only: their gradients are partial, summed over TP.
+        w_q, w_k = copy_to_tp(layer.tp_group, w_q, w_k)
+    c.q = rotary.rms_norm(c.q, w_q, layer._qk_norm_eps)
+    c.k = rotary.rms_norm(c.k, w_k, layer._qk_norm_eps)
+
+
+def rotate(layer, c: Call) -> None:
+    """Rotary positions: queries and keys turned by their positions (global under CP), before the cache."""
+    rope = layer._rope
+    if rope is None:
+        return
+    q_pos, k_pos, longest = positions.call_positions(layer, c, c.mask_args["position_ids"])
+    if k_pos is q_pos and positions.one_range(layer, c) and rotary.flash_rotary() is not None \
+            and rotary.kernel_takes(c.q):
+        start = 0 if c.cache is None else c.cache.length  # flash-attn's kernel: a table and an offset
+        c.q, c.k = (rotary.rotate_range(rope, start, x, longest) for x in (c.q, c.k))
+        return
+    same = k_pos is q_pos and c.k.dtype == c.q.dtype
+    cos, sin = rotary.angles(rope, q_pos, c.q.dtype, longest)
+    if same:
+        c.q, c.k = rotary.rotate(rope, cos, sin, c.q, c.k)
+        return
+    c.q = rotary.rotate(rope, cos, sin, c.q)
+    cos, sin = rotary.angles(rope, k_pos, c.k.dtype, longest)
+    c.k = rotary.rotate(rope, cos, sin, c.k)
+
+
 def append_to_cache(layer, c: Call) -> None:
     """With a KV cache: this call's keys and values join it; queries attend to every cached position."""
     if c.cache is not None:
@@ -85,8 +120,8 @@ def attend(layer, c: Call) -> None:
     if m.dense_BNTS is not None and m.dense_BNTS.shape[1] == layer._num_heads != h1 - h0:
         m.dense_BNTS = m.dense_BNTS[:, h0:h1]  # a per-head mask: keep this rank's heads
     lay = c.layout
-    req = AttentionRequest(lay.to_BTNH(c.q), lay.to_BTNH(c.k), lay.to_BTNH(c.v), m, layer._inverse_sqrt_key_dim,
-                           c.dropout_p, c.return_scores)
+    req = AttentionRequest(lay.to_BTNH(c.q), lay.to_BTNH(c.k), lay.to_BTNH(c.v), m, layer._scale, c.dropout_p,
+                           c.return_scores, softcap=layer._logit_softcap, sinks=getattr(layer, "sinks", None))
     if layer.cp_size > 1:
         c.wait_agreement()  # context parallelism communicates inside the kernel call
         c.out_BTNH, backend, why = cp_attention.attend(layer, req, h0, h1, c.T, c.S)

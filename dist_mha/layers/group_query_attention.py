@@ -104,6 +104,13 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
         cp_mode="ring",
         dropout_mode="per_rank",
         check_ranks=True,
+        rope=None,
+        qk_norm=None,
+        qk_norm_eps=1e-6,
+        logit_softcap=None,
+        attention_sinks=False,
+        scale=None,
+        output_bias=None,
         name=None,
         trainable=True,
         **kwargs,
@@ -158,20 +165,15 @@ class GroupQueryAttention(KerasLayerAPI, AttentionCore):
             "dropout": self._dropout,
             **self._objects_config(),
             "seed": self.seed,
+            **self._extras_config(),
         }
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         """Output shape (the query's); works unbuilt. Keras's checks and wording."""
         query_shape, value_shape = tuple(query_shape), tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
-        if query_shape[-1] != value_shape[-1]:
+        if query_shape[-1] != value_shape[-1]:  # Keras's first check, whatever `key_shape` is
             raise ValueError(
                 "The last dimension of `query_shape` and `value_shape` must be equal, but are "
                 f"{query_shape[-1]}, {value_shape[-1]}. Received: query_shape={query_shape}, value_shape={value_shape}"
             )
-        if value_shape[1:-1] != key_shape[1:-1]:
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, must be equal. "
-                f"Received: value_shape={value_shape} and key_shape={key_shape}"
-            )
-        return query_shape
+        return super().compute_output_shape(query_shape, value_shape, key_shape)

@@ -25,7 +25,12 @@ SHARED_ARGS = (
     "kernel_regularizer", "bias_regularizer", "activity_regularizer", "kernel_constraint", "bias_constraint",
     "use_gate", "seed", "query_shape", "value_shape", "key_shape", "attention_backend", "device", "dtype", "tp_group",
     "sequence_parallel", "cp_group", "cp_mode", "dropout_mode", "check_ranks", "name", "trainable", "kwargs",
+    "rope", "qk_norm", "qk_norm_eps", "logit_softcap", "attention_sinks", "scale", "output_bias",
 )
+# The extras of today's LLMs and their defaults: `get_config` lists one only when it differs, so a default
+# layer's config stays one Keras takes.
+EXTRAS = {"rope": None, "qk_norm": None, "qk_norm_eps": 1e-6, "logit_softcap": None, "attention_sinks": False,
+          "scale": None, "output_bias": None}
 _OBJECTS = {"kernel_initializer": initializers, "bias_initializer": initializers, "kernel_regularizer": regularizers,
             "bias_regularizer": regularizers, "activity_regularizer": regularizers, "kernel_constraint": constraints,
             "bias_constraint": constraints}
@@ -72,6 +77,13 @@ class KerasLayerAPI:
             if proj.bias is not None:
                 out.append(WeightInfo("bias", proj.bias, proj.bias_shard_dim, proj.shard_units, proj.replicas,
                                       proj.global_bias_shape))
+        # The extras after Keras's weights: QK-norm scales (replicated), sinks (sharded with the heads).
+        for name in ("query_norm", "key_norm"):
+            if name in self._modules:
+                w = self._modules[name].weight
+                out.append(WeightInfo("scale", w, None, 1, 1, tuple(w.shape)))
+        if getattr(self, "sinks", None) is not None:
+            out.append(WeightInfo("sinks", self.sinks, 0, self._num_heads, 1, (self._num_heads,)))
         return out
 
     @property
@@ -171,6 +183,8 @@ class KerasLayerAPI:
                 if proj.bias is not None:
                     dims[f"{name}.bias"] = proj.bias_shard_dim
                     units[f"{name}.bias"] = proj.shard_units
+        if getattr(self, "sinks", None) is not None:
+            dims["sinks"], units["sinks"] = 0, self._num_heads  # QK-norm scales are replicated: no entry
         streams = self.rng_streams() if self.built else ()
         return reshard.extra_state(self, dims, self._num_heads, "heads", streams, tensor_units=units)
 
@@ -186,6 +200,13 @@ class KerasLayerAPI:
         """Keras's base-layer keys."""
         return {"name": self.name, "trainable": self._trainable,
                 "dtype": cfg.policy_config(self._param_dtype, getattr(self, "_compute_dtype", None))}
+
+    def _extras_config(self) -> dict:
+        """The non-default extras (rotary positions, QK-norm, soft-capping, sinks, scale, output bias)."""
+        now = {"rope": None if self._rope is None else self._rope.config(), "qk_norm": self._qk_norm,
+               "qk_norm_eps": self._qk_norm_eps, "logit_softcap": self._logit_softcap,
+               "attention_sinks": self._attention_sinks, "scale": self._scale_arg, "output_bias": self._output_bias}
+        return {k: v for k, v in now.items() if v != EXTRAS[k]}
 
     def _objects_config(self) -> dict:
         """The initializers, regularizers and constraints, serialised as Keras does."""
@@ -211,9 +232,8 @@ class KerasLayerAPI:
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         """Output shape for the given input shapes; works unbuilt, None dims pass through."""
-        query_shape = tuple(query_shape)
-        value_shape = tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
+        query_shape, value_shape = cfg.shape_tuple("query_shape", query_shape), cfg.shape_tuple("value_shape", value_shape)
+        key_shape = value_shape if key_shape is None else cfg.shape_tuple("key_shape", key_shape)
         if value_shape[1:-1] != key_shape[1:-1]:
             raise ValueError(
                 "All dimensions of `value` and `key`, except the last one, must be equal. "
@@ -235,7 +255,7 @@ class KerasLayerAPI:
         must read `losses`); its gradient reaches each rank's own shard."""
         out = list(self._activity_losses)
         for w in self._keras_weights():
-            reg = self._kernel_regularizer if w.kind == "kernel" else self._bias_regularizer
+            reg = {"kernel": self._kernel_regularizer, "bias": self._bias_regularizer}.get(w.kind)
             if reg is not None:
                 p = sharding.sync_replicas(self.tp_group, w.replicas, w.param)
                 out.append(sharding.penalty(reg, p, w.dim, self.tp_group, w.replicas))
@@ -248,7 +268,7 @@ class KerasLayerAPI:
         group, so the result equals constraining the full weight."""
         with torch.no_grad():
             for w in self._keras_weights():
-                c = self._kernel_constraint if w.kind == "kernel" else self._bias_constraint
+                c = {"kernel": self._kernel_constraint, "bias": self._bias_constraint}.get(w.kind)
                 if c is not None:
                     w.param.copy_(sharding.constrain(c, w.param, w.dim, self.tp_group, w.replicas))
 

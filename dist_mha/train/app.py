@@ -24,9 +24,17 @@ def _rank0_only(value):
     return value if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" else None
 
 
+def _run_id(default):
+    from dist_mha.train.distributed import launch_id
+
+    return launch_id() or default
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dist_mha_rank0"):
         OmegaConf.register_new_resolver("dist_mha_rank0", _rank0_only)
+    if not OmegaConf.has_resolver("dist_mha_run_id"):
+        OmegaConf.register_new_resolver("dist_mha_run_id", _run_id)
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:

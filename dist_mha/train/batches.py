@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_mha.parallel import shard_sequence
+from dist_mha.parallel.groups import host_all_reduce, size_of
 
 
 @dataclass
@@ -38,10 +39,10 @@ def step_batch(data, step: int, state, batch_size: int, device) -> StepBatch:
     parts = data.batch(step, state.dp_rank, batch_size)
     tokens, targets, mask = parts[:3]
     seg = parts[3] if len(parts) > 3 else None
+    # Host-side counts (the batch is made on the CPU): they travel on the DP group's gloo companion.
     counts = torch.tensor([float(mask.sum()), float((seg >= 0).sum() if seg is not None else tokens.numel())],
                           dtype=torch.float64)
-    if state.dp_size > 1:
-        dist.all_reduce(counts, group=state.dp_group)
+    host_all_reduce(counts, state.dp_group)
     if state.cp_size > 1:
         tokens, targets, mask = (shard_sequence(t, state.cp_group) for t in (tokens, targets, mask))
     return StepBatch(tokens.to(device), targets.to(device), mask.to(device),
@@ -55,23 +56,35 @@ def loss_share(logits: torch.Tensor, batch: StepBatch, global_mean: bool) -> tor
     step's global count (sum the shares over DP x CP for the loss); otherwise
     this rank's own mean (DeepSpeed averages gradients over DP itself).
     """
-    picked = logits[batch.mask]
-    # Half-precision logits are upcast for a stable softmax; float64 stays float64.
-    picked = picked.float() if picked.dtype in (torch.float16, torch.bfloat16) else picked
-    total = F.cross_entropy(picked, batch.targets[batch.mask], reduction="sum")
+    # Every position's loss, masked, rather than `logits[mask]`: boolean indexing reads the mask back to the
+    # host (a device synchronisation per step on a GPU). Half-precision logits are upcast for a stable
+    # softmax; float64 stays float64.
+    flat = logits.flatten(0, -2)
+    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    mask = batch.mask.flatten()
+    per_token = F.cross_entropy(flat, torch.where(mask, batch.targets.flatten(), 0), reduction="none")
+    total = (per_token * mask).sum()
     if global_mean:
         return total / batch.scored
-    return total / max(int(batch.mask.sum()), 1)
+    return total / mask.sum().clamp(min=1)
 
 
 def sum_grads(params, group) -> None:
-    """Sums gradients over `group` (DP x CP) in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or group is None or dist.get_world_size(group) == 1:
+    """Sums gradients over `group` (DP x CP) in one flat all-reduce.
+
+    A parameter without a gradient on this rank (unused in its forward) takes
+    part as zeros, so every rank reduces a buffer of the same length and
+    layout (a shorter buffer on one rank would hang NCCL or scramble the sum).
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params or size_of(group) == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, group=group)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+        offset += p.grad.numel()

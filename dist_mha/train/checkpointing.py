@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mha.checkpoint.shards import CheckpointError, load_tp_shard, save_tp_shard
+from dist_mha.rng.streams import collect_streams, stream_seed
 from dist_mha.train.run_dir import ROOTS, partial_dir, publish, shard_digests, step_name, write_manifest
 
 _EXTRA = "_extra_state"
@@ -198,3 +199,19 @@ def load_deepspeed(engine, step_dir: Path) -> int:
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {step_dir}.", step_dir)
     return int(client["step"])
+
+
+def restart_own_streams(model, own_seeds: dict, step: int) -> None:
+    """After a resume on a CP rank > 0: restarts the streams of this rank's own rows at `step`.
+
+    The checkpoint holds CP rank 0's streams. Streams that draw for this
+    rank's own rows (per-rank attention dropout under Ulysses, residual
+    dropout) must not copy rank 0's, and must not restart from their seed
+    either (that would repeat the masks of step 0): they restart from their
+    seed mixed with the resume step. `own_seeds`: `{id(stream): seed}` of the
+    model as built, before loading.
+    """
+    for st in collect_streams(model):
+        if st.name in ("attention_dropout", "residual"):
+            st.seed = stream_seed(own_seeds[id(st)], "resume", step)
+            st.restore({})

@@ -32,6 +32,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def launch_id() -> str | None:
+    """The launcher's id of this job, the same on every rank: torchrun's run id, else SLURM's job id.
+
+    torchrun without `--rdzv-id` (and without `--standalone`) sets
+    `TORCHELASTIC_RUN_ID=none` for every job: that is no id, or unrelated runs
+    would share a run directory and a lock owner.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id.lower() != "none":
+        return run_id
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 def _env_int(*names, default=None):
     for n in names:
         if os.environ.get(n) not in (None, ""):

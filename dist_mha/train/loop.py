@@ -186,12 +186,7 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
         own_seeds = {id(st): st.seed for st in collect_streams(model)}
         meta = checkpointing.load(Path(plan.resume_dir), model, opt, tp_rank=state.tp_rank, tp_size=tp)
         if state.cp_rank > 0:
-            # The checkpoint holds CP rank 0's streams; streams of this rank's own rows (per-rank attention
-            # dropout under Ulysses, residual dropout) restart from this rank's seeds instead of copying rank 0's.
-            for st in collect_streams(model):
-                if st.name in ("attention_dropout", "residual"):
-                    st.seed = own_seeds[id(st)]
-                    st.restore({})
+            checkpointing.restart_own_streams(model, own_seeds, step)
         if info.is_main:
             log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", plan.resume_dir, step, meta["tp"], tp)
     engine = None

@@ -83,13 +83,27 @@ def shard_digests(step_dir: Path, tp_size: int) -> dict:
     return out
 
 
+def replaced_dir(final: Path) -> Path:
+    """Where `publish` keeps the old copy of a step while it puts a new one in its place."""
+    return final.with_name(f".{final.name}.replaced")
+
+
 def publish(partial: Path, final: Path) -> None:
-    """Moves a finished step into place (replacing an old copy of the same step), then points `latest` at it."""
+    """Moves a finished step into place, then points `latest` at it.
+
+    A re-save of the same step first renames the old copy aside and deletes
+    it only after the new one is in place, so a crash at any point leaves a
+    complete copy under one of the two names (`clean` puts an old copy back
+    when the new one never arrived).
+    """
+    old = replaced_dir(final)
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     partial.rename(final)
     fsync_dir(final.parent)
     atomic_write(final.parent / "latest", lambda f: f.write(final.name.encode()))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(step_dir: Path) -> dict:
@@ -146,6 +160,13 @@ def clean(root: Path) -> list[str]:
     for d in sorted(root.glob(".step_*.partial")) if root.is_dir() else []:
         shutil.rmtree(d, ignore_errors=True)
         notes.append(f"removed {d}: a checkpoint that was being written when a previous run stopped")
+    for old in sorted(root.glob(".step_*.replaced")) if root.is_dir() else []:
+        final = old.with_name(old.name[1:-len(".replaced")])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # the re-save completed; the old copy was not yet deleted
+        else:
+            old.rename(final)
+            notes.append(f"restored {final.name}: a re-save of that step stopped before its new copy was in place")
     for f in root.iterdir() if root.is_dir() else []:
         if f.is_file() and _TMP.fullmatch(f.name):
             f.unlink(missing_ok=True)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from dist_mha.train.distributed import launch_id
+
 LOCK_NAME = "run.lock"
 
 
@@ -61,7 +63,7 @@ def _alive(holder: dict) -> bool:
 
 
 def _identity() -> dict:
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    job = launch_id()
     attempt = [int(os.environ.get("SLURM_RESTART_COUNT") or 0),
                int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)]
     return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),

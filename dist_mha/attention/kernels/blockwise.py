@@ -42,8 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
-from dist_mha.attention.kernels.flash import torch_flash_refusals
-from dist_mha.attention.kernels.request import repeat_kv
+from dist_mha.attention.kernels import flash
+from dist_mha.attention.kernels.request import repeat_kv, softcapped
 from dist_mha.attention.masks import live_rows
 
 _NEG_INF = float("-inf")
@@ -82,21 +82,23 @@ def _efficient_refusals(q, v) -> list[str]:
         reasons.append(f"dtype {q.dtype}: the memory-efficient kernel takes float16/bfloat16/float32")
     if q.shape[-1] % 8 or v.shape[-1] % 8:
         reasons.append(f"head sizes {q.shape[-1]}/{v.shape[-1]}: the memory-efficient kernel takes multiples of 8")
-    if not torch.backends.cuda.mem_efficient_sdp_enabled():
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():  # the user's switch for this kernel
         reasons.append("torch's memory-efficient kernel is disabled")
     return reasons
 
 
-def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None, flash_attention=None) -> Kernels:
+def choose(q_BNTH, v_BKSH, dropout: bool, forced: str | None, flash_attention=None, softcap=None) -> Kernels:
     """The `Kernels` for the blocks of one ring call."""
-    device = q_BNTH.device.type
+    device = "cuda" if flash._is_cuda(q_BNTH) else q_BNTH.device.type
     common = []
     if dropout:
         common.append("dropout masks must be replayed in the backward (the math blocks take them explicitly)")
+    if softcap is not None:
+        common.append("logit_softcap changes the scores inside the softmax (the math blocks apply it)")
     if forced == "math":
         common.append("attention_backend='math'")
     if device == "cuda":
-        flash_no = common + torch_flash_refusals(q_BNTH, v_BKSH, flash_attention)
+        flash_no = common + flash.torch_flash_refusals(q_BNTH, v_BKSH, flash_attention)
         eff_no = common + _efficient_refusals(q_BNTH, v_BKSH)
         unmasked = "cuda_flash" if not flash_no else "cuda_efficient" if not eff_no else "math"
         masked = "cuda_efficient" if not eff_no else "math"
@@ -141,7 +143,8 @@ def _opened(mask, t, is_causal):
     return mask | ~live[..., None], live
 
 
-def forward(kernels: Kernels, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False, state=None):
+def forward(kernels: Kernels, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, rate=0.0, is_causal=False, state=None,
+            softcap=None):
     """One block: `(out_BNTH normalised over this block, lse_BNT)`.
 
     Args:
@@ -183,7 +186,8 @@ def forward(kernels: Kernels, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, ra
                 out = out.masked_fill(~live[..., None], 0)
             return out, lse.to(acc)
         n = q_BNTH.shape[1]
-        s_BNTS = _scores(q_BNTH, k_BKSH, _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device), scale)
+        s_BNTS = _scores(q_BNTH, k_BKSH, _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device), scale,
+                         softcap)
         lse = torch.logsumexp(s_BNTS, dim=-1)
         p = torch.exp(s_BNTS - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
         if keep is not None:
@@ -191,10 +195,15 @@ def forward(kernels: Kernels, q_BNTH, k_BKSH, v_BKSH, mask, scale, keep=None, ra
         return torch.matmul(p, repeat_kv(v_BKSH, n).to(acc)), lse
 
 
-def _scores(q_BNTH, k_BKSH, mask, scale):
-    """`(B, n, t, s)` scaled scores (float32 at least; Keras scales the query first), masked with -inf."""
+def _raw_scores(q_BNTH, k_BKSH, scale):
+    """`(B, n, t, s)` scaled scores, float32 at least (Keras scales the query first)."""
     acc = lse_dtype(q_BNTH.dtype)
-    s = torch.matmul((q_BNTH * scale).to(acc), repeat_kv(k_BKSH, q_BNTH.shape[1]).to(acc).transpose(-1, -2))
+    return torch.matmul((q_BNTH * scale).to(acc), repeat_kv(k_BKSH, q_BNTH.shape[1]).to(acc).transpose(-1, -2))
+
+
+def _scores(q_BNTH, k_BKSH, mask, scale, softcap=None, raw=None):
+    """The scores the softmax sees: scaled, soft-capped, masked with -inf."""
+    s = softcapped(_raw_scores(q_BNTH, k_BKSH, scale) if raw is None else raw, softcap)
     return s if mask is None else s.masked_fill(~mask, _NEG_INF)
 
 
@@ -213,7 +222,7 @@ def _padded_lse(L_BNT):
 
 
 def backward(kernels: Kernels, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D_BNT, mask, scale, keep=None,
-             rate=0.0, is_causal=False, state=None):
+             rate=0.0, is_causal=False, state=None, softcap=None):
     """Gradients of one block `(dq_BNTH, dk_BKSH, dv_BKSH)` from the final `O`, `L` and `D = rowsum(dO * O)`.
 
     Rows with `L = -inf` (nothing visible anywhere) must come with `dO = 0`
@@ -245,7 +254,8 @@ def backward(kernels: Kernels, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D
                 offset, 0.0, [True, True, True, False], is_causal, scale=scale)
             return dq, _fold(dk, k), _fold(dv, k)
         mask = _with_causal(mask, is_causal, t, k_BKSH.shape[2], q_BNTH.device)
-        p = torch.exp(_scores(q_BNTH, k_BKSH, mask, scale) - L_BNT[..., None])  # the final probabilities
+        raw = _raw_scores(q_BNTH, k_BKSH, scale)
+        p = torch.exp(_scores(q_BNTH, k_BKSH, mask, scale, softcap, raw) - L_BNT[..., None])  # the final probabilities
         v = repeat_kv(v_BKSH, n).to(acc)
         dO = dO_BNTH.to(acc)
         z = p if keep is None else p * keep / (1.0 - rate)
@@ -254,6 +264,8 @@ def backward(kernels: Kernels, dO_BNTH, q_BNTH, k_BKSH, v_BKSH, O_BNTH, L_BNT, D
         if keep is not None:
             dp = dp * keep / (1.0 - rate)
         ds = p * (dp - D_BNT[..., None].to(acc))
+        if softcap is not None:
+            ds = ds * (1 - torch.tanh(raw / softcap).square())  # d(c tanh(s / c)) / ds
         dq = torch.matmul(ds, repeat_kv(k_BKSH, n).to(acc)) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q_BNTH.to(acc)) * scale
         return dq.to(q_BNTH.dtype), _fold(dk, k).to(k_BKSH.dtype), _fold(dv, k).to(v_BKSH.dtype)
@@ -275,3 +287,24 @@ def merge(out_acc, lse_acc, out_b, lse_b):
     denom = total.masked_fill(total == 0, 1.0)
     out = (out_acc * w_a[..., None] + out_b.to(out_acc.dtype) * w_b[..., None]) / denom[..., None]
     return out, m_safe + torch.log(total)
+
+
+def add_sinks(O_BNTH, L_BNT, sinks_n):
+    """The merged attention with each head's sink logit joined to every row's denominator (once per row).
+
+    A sink is a key with logit `sinks[h]` and a zero value: `L' = logaddexp(L, sink)`
+    and `O' = O exp(L - L')`. A row with no visible key gets `O' = 0`, `L' = sink`.
+    """
+    sink = sinks_n.to(L_BNT.dtype)[None, :, None]
+    L = torch.logaddexp(L_BNT, sink)
+    return O_BNTH * torch.exp(L_BNT - L)[..., None], L
+
+
+def sinks_grad(L_BNT, D_BNT, sinks_n):
+    """`d loss / d sinks (n,)` from the final LSE (sinks joined) and `D = rowsum(dO * O)`.
+
+    The sink's probability is `exp(sink - L)` and its value is zero, so its
+    score gradient is `-P_sink D`, summed over batch and rows.
+    """
+    p = torch.exp(sinks_n.to(L_BNT.dtype)[None, :, None] - L_BNT)
+    return -(p * D_BNT).sum(dim=(0, 2)).to(sinks_n.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dist_mha.attention import rotary
 from dist_mha.attention.blocks import FULL
 from dist_mha.attention.kernels import flash_variants, mask_cache
 from dist_mha.attention.kernels.request import AttentionRequest, rows_BTN1, zero_rows
@@ -39,6 +40,7 @@ def reload() -> None:
     global VARIANTS, AVAILABLE, _ABSENT, _UNUSABLE
     VARIANTS, _ABSENT, _UNUSABLE = flash_variants.load()
     AVAILABLE = bool(VARIANTS)
+    rotary.forget_flash_rotary()
 
 
 reload()
@@ -143,6 +145,10 @@ def _variant_refusals(variant, req: AttentionRequest, capability) -> list[str]:
         reasons.append("it has no dropout (only FA2 has)")
     if req.masks.window is not None and not variant.window:
         reasons.append("this build takes no window_size")
+    if req.softcap is not None and not variant.takes("softcap"):
+        reasons.append("this build takes no softcap")
+    if req.sinks is not None and not variant.takes("learnable_sink"):
+        reasons.append("this build takes no learnable_sink (attention sinks)")
     return reasons
 
 
@@ -215,6 +221,10 @@ def run(req: AttentionRequest):
         kwargs["dropout_p"] = req.dropout_p
     if m.window is not None and rel.kind != FULL:
         kwargs["window_size"] = (m.window - 1, m.window - 1)
+    if req.softcap is not None:
+        kwargs["softcap"] = req.softcap
+    if req.sinks is not None:
+        kwargs["learnable_sink"] = req.sinks.float()
     q, k, v = (_last_dim_contiguous(t) for t in (req.q_BTNH, req.k_BSNH, req.v_BSNH))
     keep = None if m.q_keep_BT is None else m.q_keep_BT[:, :, None, None]
     if m.k_keep_BS is None:

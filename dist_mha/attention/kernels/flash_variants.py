@@ -56,6 +56,10 @@ class Variant:
     def window(self) -> bool:
         return "window_size" in self.dense_params and "window_size" in self.varlen_params
 
+    def takes(self, name: str) -> bool:
+        """Whether both functions of this build take the keyword `name` (`softcap`, `learnable_sink`)."""
+        return name in self.dense_params and name in self.varlen_params
+
     def call_dense(self, q, k, v, **kwargs):
         out = self.dense(q, k, v, **_only(kwargs, self.dense_params))
         return out[0] if isinstance(out, tuple) else out  # FA3/FA4 may also return the logsumexp
@@ -84,7 +88,8 @@ def _params(fn):
     return names, required
 
 
-# Every keyword dist_mha may pass; each call passes only those its function accepts.
+# FA2's keywords (assumed for an unreadable signature). Each call passes only those its function
+# accepts, `softcap` and `learnable_sink` included where a build takes them.
 _DENSE = frozenset({"dropout_p", "softmax_scale", "causal", "window_size"})
 _VARLEN = _DENSE | {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"}
 

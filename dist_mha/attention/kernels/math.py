@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mha.attention.kernels.request import AttentionRequest, repeat_kv
+from dist_mha.attention.kernels.request import AttentionRequest, repeat_kv, softcapped
 from dist_mha.rng.streams import dropout
 
 NAME = "math"
@@ -31,14 +31,20 @@ def run(req: AttentionRequest):
     n = q_BNTH.shape[1]
     k_BNSH, v_BNSH = repeat_kv(k_BKSH, n), repeat_kv(v_BKSH, n)
     # Keras scales the query before the product; same order, same rounding.
-    scores_BNTS = torch.matmul(q_BNTH * req.scale, k_BNSH.transpose(-1, -2))
+    scores_BNTS = softcapped(torch.matmul(q_BNTH * req.scale, k_BNSH.transpose(-1, -2)), req.softcap)
     mask = req.masks.combined(req.T, req.S, scores_BNTS.device)
     if mask is not None:
         scores_BNTS = scores_BNTS.masked_fill(~mask, torch.finfo(scores_BNTS.dtype).min)
+    if req.sinks is not None:
+        # A sink is one more logit per row (per head) whose value is zero: softmax over both, keep the keys'.
+        sink = req.sinks.to(scores_BNTS.dtype).view(1, -1, 1, 1).expand(*scores_BNTS.shape[:-1], 1)
+        scores_BNTS = torch.cat([scores_BNTS, sink], dim=-1)
     if scores_BNTS.dtype in (torch.float16, torch.bfloat16):
         probs_BNTS = torch.softmax(scores_BNTS, dim=-1, dtype=torch.float32).to(scores_BNTS.dtype)
     else:
         probs_BNTS = torch.softmax(scores_BNTS, dim=-1)
+    if req.sinks is not None:
+        probs_BNTS = probs_BNTS[..., :-1]
     if mask is not None:
         # Masked entries are already exactly 0 (exp underflow); this only
         # zeroes rows where every key is masked, which softmax made uniform.

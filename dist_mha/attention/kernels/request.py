@@ -32,6 +32,10 @@ class AttentionRequest:
             replaces the kernel's own dropout randomness (TP-invariant mode).
         rng: optional `RNGStream` dropout draws from (the layer's per-rank
             stream); None means torch's default generator.
+        softcap: `c` of logit soft-capping (Gemma2): scaled scores become
+            `c * tanh(s / c)` before the masks; None: none.
+        sinks: optional `(N,)` learned logit per query head (gpt-oss): it joins
+            every row's softmax denominator and contributes no value.
     """
 
     q_BTNH: torch.Tensor
@@ -43,6 +47,8 @@ class AttentionRequest:
     need_scores: bool = False
     dropout_keep: object = None
     rng: object = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     @property
     def T(self) -> int:
@@ -62,6 +68,11 @@ def repeat_kv(x_BKSH: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
     """Grouped K/V `(.., K, ..)` repeated to `n` heads along `dim` (query head i reads K/V head i // (n / K))."""
     g = n // x_BKSH.shape[dim]
     return x_BKSH if g == 1 else x_BKSH.repeat_interleave(g, dim=dim)
+
+
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`c * tanh(s / c)` (Gemma2's order: divide, tanh, multiply), or the scores themselves."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def mask_with_live_rows(mask_BNTS: torch.Tensor, T: int, is_causal: bool = False):

@@ -81,7 +81,24 @@ def refusals(req: AttentionRequest) -> list[str]:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if req.dropout_p > 0 and req.dropout_keep is not None:
         reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
+    if req.softcap is not None:
+        reasons.append("logit_softcap changes the scores inside the softmax, which SDPA does not take")
     return reasons
+
+
+def _with_sink_column(mask, req, k_BKSH, v_BKSH, is_causal):
+    """Sinks as one more key: zero key and value, its logit given by a float bias `(B|1, N, T|1, S + 1)`."""
+    device, dtype = req.q_BTNH.device, req.q_BTNH.dtype
+    if is_causal:
+        mask = torch.ones(req.T, req.S, dtype=torch.bool, device=device).tril()[None, None]
+    if mask is None:
+        mask = torch.ones(1, 1, 1, req.S, dtype=torch.bool, device=device)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
+    B, T = bias.shape[0], bias.shape[2]
+    sink = req.sinks.to(dtype).view(1, -1, 1, 1).expand(B, -1, T, 1)
+    bias = torch.cat([bias.expand(B, sink.shape[1], T, -1), sink], dim=-1)
+    k_BKSH, v_BKSH = (torch.nn.functional.pad(t, (0, 0, 0, 1)) for t in (k_BKSH, v_BKSH))
+    return bias, k_BKSH, v_BKSH
 
 
 def run(req: AttentionRequest):
@@ -95,6 +112,9 @@ def run(req: AttentionRequest):
     if mask is not None:
         mask, keep = mask_with_live_rows(mask, req.T)
     k_BKSH, v_BKSH = req.k_BSNH.transpose(1, 2), req.v_BSNH.transpose(1, 2)
+    if req.sinks is not None:
+        mask, k_BKSH, v_BKSH = _with_sink_column(mask, req, k_BKSH, v_BKSH, is_causal)
+        is_causal = False
     gqa = {}
     if req.groups > 1:
         if _HAS_ENABLE_GQA:

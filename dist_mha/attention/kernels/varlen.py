@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_mha.attention.blocks import CAUSAL, relation
-from dist_mha.attention.kernels import mask_cache
-from dist_mha.attention.kernels.flash import capturing
+from dist_mha.attention.kernels import flash, mask_cache
 from dist_mha.attention.kernels.request import AttentionRequest, zero_rows
 from dist_mha.rng.streams import forked
 
@@ -178,12 +177,15 @@ def refusals(req: AttentionRequest) -> list[str]:
     reasons = []
     if torch.compiler.is_compiling():
         reasons.append("under torch.compile the plan (read from mask values) would break the graph")
-    if capturing():
+    if flash.capturing():
         reasons.append("inside a CUDA-graph capture the plan (read from mask values) would be replayed stale")
     if req.need_scores:
         reasons.append("it does not return attention probabilities (return_attention_scores=True)")
     if req.dropout_p > 0 and req.dropout_keep is not None:
         reasons.append("TP-invariant dropout needs explicit masks, which only the math path applies")
+    if req.softcap is not None or req.sinks is not None:
+        reasons.append("logit_softcap and attention sinks change the softmax of every sequence call "
+                       "(SDPA serves sinks, the math path both)")
     if not reasons:
         seqs, why = plan(req)
         if seqs is None:

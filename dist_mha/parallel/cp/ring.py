@@ -17,9 +17,11 @@ output and log-sum-exp. dQ accumulates locally; dK/dV accumulate in a buffer
 that travels with the K/V block and returns to its owner after p steps.
 
 This module moves blocks; it computes none. The caller injects the block
-kernel (`forward`, `backward`, `merge`, `lse_dtype`: dist_mha's are in
+kernel (`forward`, `backward`, `merge`, `lse_dtype`, and for attention sinks
+`add_sinks`, `sinks_grad`: dist_mha's are in
 `dist_mha.attention.kernels.blockwise`) and the mask slicer (`block(q_range,
-k_range) -> (skip, mask, keep, is_causal)` in global positions).
+k_range) -> (skip, mask, keep, is_causal)` in global positions). Sinks join
+each row's softmax once, after the last block is merged.
 
 Point-to-point traffic per rank and call: forward p-1 K/V blocks; backward
 p-1 K/V blocks and p dK/dV blocks (float32 for half inputs). The tests count
@@ -112,7 +114,7 @@ def _kv_blocks(flat, k_shape, v_shape, plan, src):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_BTNH, k_BSKH, v_BSKH, plan: RingPlan):
+    def forward(ctx, q_BTNH, k_BSKH, v_BSKH, sinks, plan: RingPlan):
         q = q_BTNH.transpose(1, 2)  # (B, n, t, H)
         kernel, tiles = plan.kernel, plan.q_tiles()
         kv = _pack(k_BSKH, v_BSKH)
@@ -138,15 +140,17 @@ class _RingAttention(torch.autograd.Function):
                 t = rows.stop - rows.start
                 outs[i] = torch.zeros(B, n, t, v_BSKH.shape[-1], dtype=acc, device=q.device)
                 lses[i] = torch.full((B, n, t), float("-inf"), dtype=acc, device=q.device)
-        O = torch.cat(outs, dim=2).to(q.dtype)  # (B, n, t, Hv)
-        L = torch.cat(lses, dim=2)
-        ctx.save_for_backward(q_BTNH, k_BSKH, v_BSKH, O, L)
+        O, L = torch.cat(outs, dim=2), torch.cat(lses, dim=2)  # (B, n, t, Hv), (B, n, t)
+        if sinks is not None:
+            O, L = kernel.add_sinks(O, L, sinks)
+        O = O.to(q.dtype)
+        ctx.save_for_backward(q_BTNH, k_BSKH, v_BSKH, O, L, sinks)
         ctx.plan, ctx.state = plan, state
         return O.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dO_BTNH):
-        q_BTNH, k_BSKH, v_BSKH, O, L = ctx.saved_tensors
+        q_BTNH, k_BSKH, v_BSKH, O, L, sinks = ctx.saved_tensors
         plan, kernel = ctx.plan, ctx.plan.kernel
         tiles = plan.q_tiles()
         q = q_BTNH.transpose(1, 2)
@@ -155,6 +159,7 @@ class _RingAttention(torch.autograd.Function):
         dO = dO_BTNH.transpose(1, 2).masked_fill(dead[..., None], 0).to(q.dtype)
         L = L.masked_fill(dead, 0.0)
         D = (dO.to(acc) * O.to(acc)).sum(dim=-1)
+        d_sinks = None if sinks is None or not ctx.needs_input_grad[3] else kernel.sinks_grad(L, D, sinks)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = _pack(k_BSKH, v_BSKH)
         dkv_out = None  # this step's dK/dV total for the block we hold, on its way to the next rank
@@ -182,9 +187,12 @@ class _RingAttention(torch.autograd.Function):
             dkv_out = dkv
         dk, dv = _unpack(_finish(_exchange(dkv_out, plan)), k_BSKH.shape, v_BSKH.shape)  # ours comes home
         return (dq.to(q.dtype).transpose(1, 2), dk.to(k_BSKH.dtype).transpose(1, 2), dv.to(v_BSKH.dtype).transpose(1, 2),
-                None)
+                d_sinks, None)
 
 
-def ring_attention(q_BTNH, k_BSKH, v_BSKH, plan: RingPlan) -> torch.Tensor:
-    """Attention of this rank's queries over the whole (sharded) sequence: `(B, t, n, Hv)`."""
-    return _RingAttention.apply(q_BTNH, k_BSKH, v_BSKH, plan)
+def ring_attention(q_BTNH, k_BSKH, v_BSKH, plan: RingPlan, sinks=None) -> torch.Tensor:
+    """Attention of this rank's queries over the whole (sharded) sequence: `(B, t, n, Hv)`.
+
+    `sinks`: optional `(n,)` logit per query head joined to every row's softmax.
+    """
+    return _RingAttention.apply(q_BTNH, k_BSKH, v_BSKH, sinks, plan)

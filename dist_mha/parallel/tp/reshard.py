@@ -66,6 +66,28 @@ def _layers(sd: dict) -> dict[str, dict]:
     return out
 
 
+def _check_shards(shards: list[dict], layers: dict, tp_size: int) -> None:
+    """Every layer's shards are all there, in rank order, and split over `tp_size`."""
+    for prefix, extra in layers.items():
+        if extra["tp_size"] != len(shards):
+            raise ValueError(
+                f"Layer '{prefix or '<root>'}' was saved at TP={extra['tp_size']} but {len(shards)} shard(s) "
+                "were given; pass every rank's state dict, in rank order."
+            )
+        for r, sd in enumerate(shards):
+            if sd[prefix + "_extra_state"]["tp_rank"] != r:
+                raise ValueError(f"Shard {r} holds TP rank {sd[prefix + '_extra_state']['tp_rank']}; pass shards in rank order.")
+        all_units = {extra["shard_units"], *extra.get("tensor_units", {}).values()}
+        if extra["shard_units"] % tp_size or not all(_splits(u, tp_size) for u in all_units):
+            top = extra["shard_units"]
+            valid = [d for d in range(1, top + 1) if top % d == 0 and all(_splits(u, d) for u in all_units)]
+            raise ValueError(
+                f"Cannot reshard layer '{prefix or '<root>'}' ({top} {extra['unit_name']}"
+                + (f", tensors with {sorted(all_units)} units" if len(all_units) > 1 else "")
+                + f" split across ranks) to TP={tp_size}; valid TP sizes: {valid}."
+            )
+
+
 def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
     """The state dict of rank `tp_rank` of a TP=`tp_size` run, from all ranks of another run.
 
@@ -93,24 +115,7 @@ def reshard_state_dicts(shards: list[dict], tp_size: int, tp_rank: int) -> dict:
                 raise ValueError(f"Shard {tp_rank} holds TP rank {extra['tp_rank']}; pass shards in rank order.")
         return dict(own)
     layers = _layers(shards[0])
-    for prefix, extra in layers.items():
-        if extra["tp_size"] != len(shards):
-            raise ValueError(
-                f"Layer '{prefix or '<root>'}' was saved at TP={extra['tp_size']} but {len(shards)} shard(s) "
-                "were given; pass every rank's state dict, in rank order."
-            )
-        for r, sd in enumerate(shards):
-            if sd[prefix + "_extra_state"]["tp_rank"] != r:
-                raise ValueError(f"Shard {r} holds TP rank {sd[prefix + '_extra_state']['tp_rank']}; pass shards in rank order.")
-        all_units = {extra["shard_units"], *extra.get("tensor_units", {}).values()}
-        if extra["shard_units"] % tp_size or not all(_splits(u, tp_size) for u in all_units):
-            top = extra["shard_units"]
-            valid = [d for d in range(1, top + 1) if top % d == 0 and all(_splits(u, d) for u in all_units)]
-            raise ValueError(
-                f"Cannot reshard layer '{prefix or '<root>'}' ({top} {extra['unit_name']}"
-                + (f", tensors with {sorted(all_units)} units" if len(all_units) > 1 else "")
-                + f" split across ranks) to TP={tp_size}; valid TP sizes: {valid}."
-            )
+    _check_shards(shards, layers, tp_size)
     out = {}
     for key, value in shards[0].items():
         prefix = max((p for p in layers if key.startswith(p)), key=len, default=None)
