@@ -122,34 +122,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         key, value: `(B, K, S, H)`, not repeated to N heads (grouped K/V are read in place).
         attention_mask: what our mask interface returned (`HFMask`), a 4-D mask, or None.
         dropout, scaling: attention dropout rate and logit scale (None: `H ** -0.5`).
-        **kwargs: `sliding_window`, `position_ids`, `softcap`, ... as the model passes them.
+        **kwargs: `sliding_window`, `position_ids`, `softcap` (Gemma2), ... as the model
+            passes them; a module's `sinks` (gpt-oss) join the softmax.
 
     Returns:
         `(out (B, T, N, H), None)`.
 
     Raises:
-        ValueError: for what this backend does not serve (attention sinks, softcapping
-            without kernel support), naming it.
+        ValueError: when the forced kernel cannot serve the call (every kernel's reasons listed).
     """
     B, _, T, H = query.shape
     S = key.shape[2]
-    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise ValueError(f"The {NAME!r} attention backend does not serve attention sinks (gpt-oss's `sinks`); "
-                         "use attn_implementation='eager' for this model.")
+    sinks = getattr(module, "sinks", None)  # gpt-oss: one learned logit per query head, joining the softmax
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     spec = _spec(attention_mask, T, S, B, bool(causal), window, kwargs.get("position_ids"), query.device)
-    extra = {}
     softcap = kwargs.get("softcap")
-    if softcap is not None:
-        fields = {f.name for f in dataclasses.fields(AttentionRequest)}
-        if "softcap" not in fields:
-            raise ValueError(f"The {NAME!r} attention backend received softcap={softcap}, which this version of "
-                             "dist_mha's kernels does not apply; use attn_implementation='eager' for this model.")
-        extra["softcap"] = float(softcap)
     req = AttentionRequest(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spec,
                            H ** -0.5 if scaling is None else float(scaling),
-                           dropout_p=float(dropout) if module.training else 0.0, **extra)
+                           dropout_p=float(dropout) if module.training else 0.0,
+                           softcap=None if softcap is None else float(softcap), sinks=sinks)
     out_BTNH, _, backend, why = attention(req, _flash, _backend)
     module.__dict__["dist_mha_backend"] = backend  # which kernel ran (a plain attribute, no module bookkeeping)
     module.__dict__["dist_mha_backend_reason"] = why
