@@ -93,6 +93,8 @@ def model_parity(ctx, checkpoints: dict, ids, segment_ids, layouts) -> dict:
     for (family, dtype), (path, ref, ref_packed) in checkpoints.items():
         for layout in layouts:
             tp, cp, mode, sp = layout
+            if ctx.rank >= tp * cp:
+                continue  # the other ranks would repeat the first group's work
             tp_group, cp_group = _groups(ctx, tp, cp)
             model = from_hf(path, tp_group=tp_group, cp_group=cp_group, cp_mode=mode, sequence_parallel=sp)
             with torch.no_grad():
@@ -112,6 +114,8 @@ def generation(ctx, tp: int, checkpoints: dict, prompt, max_new_tokens: int) -> 
     from dist_mha.models import from_hf
     from dist_mha.models.generation import generate
 
+    if ctx.rank >= tp:
+        return None  # the other TP groups would repeat the first one's work
     group = ctx.group(tp)
     return {family: generate(from_hf(path, tp_group=group), prompt, max_new_tokens)
             for family, path in checkpoints.items()}

@@ -96,6 +96,8 @@ class CausalLM(nn.Module):
             is this rank's part of each row (`shard_sequence`), and so are the logits.
         seed: seeds dropout streams (None: agreed from torch's global RNG).
         device, dtype: of the parameters.
+        initialize: draw initial weights (False: zeros for the attention projections and
+            the tables, for a caller that overwrites every weight, as `from_hf` does).
 
     Call arguments:
         tokens: int64 `(B, T)`.
@@ -120,22 +122,23 @@ class CausalLM(nn.Module):
     """
 
     def __init__(self, config: CausalLMConfig, *, tp_group=None, sequence_parallel=False, cp_group=None,
-                 cp_mode="ring", seed=None, device=None, dtype=None):
+                 cp_mode="ring", seed=None, device=None, dtype=None, initialize=True):
         super().__init__()
         c = self.config = config
+        self._initialize = initialize
         self.tp_group, self.cp_group = tp_group, cp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = c.max_positions  # DecoderCache's bound
         base = agreed_random_base(tp_group, cp_group)
         seed = base if seed is None else seed
         par = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        self.embed = VocabParallelEmbedding(c.vocab_size, c.hidden_size, init_base=base, salt=1, **par)
+        tables = dict(init_base=base, initialize=initialize, **par)
+        self.embed = VocabParallelEmbedding(c.vocab_size, c.hidden_size, salt=1, **tables)
         windows = tuple(c.windows) or (None,) * c.num_layers
         self.blocks = nn.ModuleList(self._layer(i, windows[i], seed, base, par, cp_group, cp_mode)
                                     for i in range(c.num_layers))
         self.norm = self._norm(par)
-        self.head = None if c.tie_embeddings else VocabParallelHead(c.vocab_size, c.hidden_size, init_base=base,
-                                                                    salt=2, **par)
+        self.head = None if c.tie_embeddings else VocabParallelHead(c.vocab_size, c.hidden_size, salt=2, **tables)
 
     def _norm(self, par):
         return RMSNorm(self.config.hidden_size, self.config.norm_eps, unit_offset=self.config.norm_unit_offset, **par)
@@ -150,6 +153,8 @@ class CausalLM(nn.Module):
             extras["output_bias"] = c.output_bias
         if cp_group is not None:
             extras.update(cp_group=cp_group, cp_mode=cp_mode)
+        if not self._initialize:
+            extras.update(kernel_initializer="zeros", bias_initializer="zeros")
         attention = GroupQueryAttention(c.head_dim, c.num_heads, c.num_kv_heads, dropout=c.attention_dropout,
                                         use_bias=c.attention_bias, sliding_window=window, seed=seed + 1000 * (i + 1),
                                         query_shape=c.hidden_size, **par, **extras)
@@ -170,8 +175,8 @@ class CausalLM(nn.Module):
                              "with sequence_parallel=False and cp_group=None for generation (the weights are the same).")
         x = self.embed(tokens)  # (B, T, E), or (B, T/tp, E) under SP
         if self.config.embed_scale is not None:
-            # Gemma rounds sqrt(E) to float32, then to the model dtype.
-            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
+            # Gemma: sqrt(E) rounded to the model dtype (as from_pretrained builds it).
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for i, layer in enumerate(self.blocks):
             x = layer(x, segment_ids=segment_ids, position_ids=position_ids,
                       cache=None if cache is None else cache.layers[i])

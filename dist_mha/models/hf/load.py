@@ -93,15 +93,15 @@ class _InMemory:
 
 
 def _source(src):
-    """`(config dict, tensor source, description)` of a directory or a `transformers` model."""
+    """`(config dict, tensor source factory, description)` of a directory or a `transformers` model."""
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not (path / "config.json").is_file():
             raise ValueError(f"Received src={str(src)!r}, which has no config.json; expected a local Hugging Face "
                              "checkpoint directory (config.json + *.safetensors) or a transformers PreTrainedModel.")
-        return json.loads((path / "config.json").read_text()), _Directory(path), str(path)
+        return json.loads((path / "config.json").read_text()), lambda: _Directory(path), str(path)
     if hasattr(src, "config") and hasattr(src, "state_dict"):
-        return src.config.to_dict(), _InMemory(src.state_dict()), type(src).__name__
+        return src.config.to_dict(), lambda: _InMemory(src.state_dict()), type(src).__name__
     raise ValueError(f"Received src of type {type(src).__name__}; expected a checkpoint directory (str or Path) "
                      "or a transformers PreTrainedModel.")
 
@@ -174,17 +174,18 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
     >>> model = from_hf("path/to/llama", tp_group=state.tp_group)
     >>> logits = model(tokens)                  # (B, T, V), equal to transformers' logits
     """
-    raw, source, what = _source(src)
-    cfg = hf_config.parse(raw)
+    raw, open_source, what = _source(src)
+    cfg = hf_config.parse(raw)  # the config's errors first: they say the most
     _check_tp(cfg, size_of(tp_group), what)
     rules = weights.rules(cfg)
+    source = open_source()
     _check_names(rules, source, what)
     if dtype is None:
         dtype = source.dtype(rules[0].hf)
     # Built without memory (meta), then given uninitialised storage: every parameter is read below, so
     # random initial weights would only cost time and a transient several times a shard's size.
     model = CausalLM(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel, cp_group=cp_group,
-                     cp_mode=cp_mode, device="meta", dtype=dtype)
+                     cp_mode=cp_mode, device="meta", dtype=dtype, initialize=False)
     model.to_empty(device=device or "cpu")
     params = dict(model.named_parameters())
     unfilled = sorted(set(params) - {r.ours for r in rules})

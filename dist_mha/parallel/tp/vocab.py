@@ -40,7 +40,7 @@ class _VocabTable(nn.Module):
     """A `(V, E)` table split on rows over the TP group when the group divides V, else replicated."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, sequence_parallel=False,
-                 init_base=None, salt=0, split=None, device=None, dtype=None):
+                 init_base=None, salt=0, split=None, initialize=True, device=None, dtype=None):
         super().__init__()
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
@@ -53,11 +53,14 @@ class _VocabTable(nn.Module):
         self.split = divides if split is None else bool(split)
         rows = num_embeddings // self.tp_size if self.split else num_embeddings
         self.row_start = self.tp_rank * rows if self.split else 0
-        # N(0, 0.02) keyed by global row, so the table does not depend on the TP degree.
-        base = agreed_random_base(tp_group) if init_base is None else init_base
-        index = (slice(self.row_start, self.row_start + rows),)
-        init = counter.normal(counter.mix64(base, salt), (num_embeddings, embedding_dim), index, device=device) * 0.02
-        self.weight = nn.Parameter(init.to(dtype or torch.get_default_dtype()))
+        dtype = dtype or torch.get_default_dtype()
+        if not initialize:  # the caller fills it (a checkpoint)
+            self.weight = nn.Parameter(torch.zeros(rows, embedding_dim, device=device, dtype=dtype))
+        else:  # N(0, 0.02) keyed by global row, so the table does not depend on the TP degree
+            base = agreed_random_base(tp_group) if init_base is None else init_base
+            index = (slice(self.row_start, self.row_start + rows),)
+            init = counter.normal(counter.mix64(base, salt), (num_embeddings, embedding_dim), index, device=device)
+            self.weight = nn.Parameter((init * 0.02).to(dtype))
         if self.split and self.tp_size > 1:
             mark_sharded(self.weight)
 
@@ -85,6 +88,7 @@ class VocabParallelEmbedding(_VocabTable):
         init_base, salt: seed of the initial N(0, 0.02) table (None: agreed over the TP group).
         split: None splits the rows when the TP size divides V and replicates them
             otherwise; False always replicates (bench/bench_hf_vocab.py compares both).
+        initialize: False leaves the table zero, for a caller that fills it.
         device, dtype: of the table.
 
     Call arguments:
