@@ -108,3 +108,27 @@ def test_a_backend_without_our_mask_entry_would_lose_the_window_and_the_document
     ids = torch.randint(1, 120, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (ref(ids).logits - bare(ids).logits).abs().max() > 1e-3  # sliding_window=5 ignored
+
+
+def test_gpt_oss_attention_sinks_join_the_softmax():
+    # gpt-oss is not loadable by from_hf (mixture-of-experts MLP), but its attention runs here: the module's
+    # `sinks` (one logit per head) go to the kernel. Float32: its experts refuse float64.
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation(hf.register())
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)  # large enough to matter
+        ours.load_state_dict(ref.state_dict())
+        ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+        assert (ref(ids).logits - ours(ids).logits).abs().max() < 1e-5
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.zero_()
+        assert (ref(ids).logits - ours(ids).logits).abs().max() > 1e-4  # the sinks were used
