@@ -119,9 +119,10 @@ def test_to_hf_writes_what_transformers_loads_with_the_same_logits(tmp_path, che
 def test_from_a_transformers_model_object_and_round_trip_at_tp2(rank_pool, checkpoints, tmp_path):
     from dist_mha.models import from_hf
 
-    model = hf_models.build("qwen3", dtype=torch.float32)
-    with torch.no_grad():
-        assert (from_hf(model)(IDS) - model(IDS).logits).abs().max() < TOL["float32"]
+    for family in ("qwen3", "gemma2"):  # untied, and tied (its state dict lists the head under both names)
+        model = hf_models.build(family, dtype=torch.float32)
+        with torch.no_grad():
+            assert (from_hf(model)(IDS) - model(IDS).logits).abs().max() < TOL["float32"]
     path = checkpoints[("gemma2", "float32")][0]
     for report in rank_pool.run(hf_tasks.export_round_trip, 2, path, str(tmp_path / "tp2")):
         assert report == {"same_names": True, "bitwise": True, "dtypes": ["torch.float32"]}

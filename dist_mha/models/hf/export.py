@@ -75,7 +75,7 @@ def to_hf(model, out_dir) -> Path:
         dtype = model.embed.weight.dtype
         cfg = dict(raw, dtype=_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")))
         cfg.pop("torch_dtype", None)
-        cfg.setdefault("architectures", [hf_config.ARCHITECTURES[raw["model_type"]]])
+        cfg["architectures"] = cfg.get("architectures") or [hf_config.ARCHITECTURES[raw["model_type"]]]
         blob = save(tensors, metadata={"format": "pt"})
         atomic_write(out / "model.safetensors", lambda f: f.write(blob))
         atomic_write(out / "config.json", lambda f: f.write((json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()))

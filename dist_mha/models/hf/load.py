@@ -130,9 +130,11 @@ def _check_tp(cfg, tp: int, what: str) -> None:
             f"Valid TP sizes: {valid}. Use one of them.")
 
 
-def _check_names(rules, source, what: str) -> None:
+def _check_names(rules, source, what: str, tied: bool) -> None:
     expected = {r.hf for r in rules}
     have = set(source.names())
+    if tied:  # a tied head is the embedding; in-memory models (and some files) list it under both names
+        have.discard("lm_head.weight")
     missing = sorted(expected - have)
     if missing:
         raise ValueError(f"{what} lacks {len(missing)} tensor(s) its config implies, e.g. {missing[:3]}; the config "
@@ -179,7 +181,7 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
     _check_tp(cfg, size_of(tp_group), what)
     rules = weights.rules(cfg)
     source = open_source()
-    _check_names(rules, source, what)
+    _check_names(rules, source, what, cfg.tie_embeddings)
     if dtype is None:
         dtype = source.dtype(rules[0].hf)
     # Built without memory (meta), then given uninitialised storage: every parameter is read below, so
