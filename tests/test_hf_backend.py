@@ -90,11 +90,10 @@ def test_packed_rows_run_per_document_on_the_varlen_kernel(pair):
         ours.set_attn_implementation(hf.NAME)
 
 
+# The two cache kinds: Mistral's sliding window, Gemma2's hybrid (sliding + full) cache.
+@pytest.mark.parametrize("pair", ["mistral", "gemma2"], indirect=True)
 def test_greedy_generation_with_hf_cache_equals_the_builtin_backend(pair):
     family, ref, ours = pair
-    if family not in ("mistral", "gemma2"):
-        pytest.skip("generation runs for the families whose caches differ: Mistral's sliding window, Gemma2's "
-                    "hybrid cache (the other families' masks are covered by the logit tests)")
     prompt = torch.randint(1, 120, (2, 6), generator=torch.Generator().manual_seed(3))
     kw = dict(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ref.generate(prompt, **kw), ours.generate(prompt, **kw))
