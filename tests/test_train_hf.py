@@ -37,25 +37,11 @@ def _torchrun(run_dir, nproc, *overrides, timeout=300):
 
 
 def test_finetune_tp2_under_torchrun_export_and_transformers_gives_the_trained_logits(tmp_path, source):
-    from transformers import AutoModelForCausalLM
-
-    from dist_mha.models import from_hf
-    from dist_mha.train.export_hf import load_trained
-
-    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    run_dir = tmp_path / "run"
     _torchrun(run_dir, 2, "model=hf", f"model.path={source}", "parallel.tp=2")
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [5, 10, 15, 20] and rows[-1]["loss"] < rows[0]["loss"]
-    proc = run([sys.executable, EXPORT, str(run_dir), str(out)])
-    assert json.loads(proc.stdout.splitlines()[-1])["step"] == 20
-    trained, _ = load_trained(run_dir)  # the newest verified step, resharded to one rank
-    theirs = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours, logits = trained(ids), theirs(ids).logits
-        assert (ours - logits).abs().max() < 1e-4
-        # It was fine-tuned: the exported logits are not the source checkpoint's.
-        assert (from_hf(source)(ids) - logits).abs().max() > 1e-3
+    assert _exported_logits_equal_trained(run_dir, tmp_path / "exported", source)["step"] == 20
 
 
 def test_finetune_with_context_parallelism(tmp_path, source):
@@ -65,13 +51,33 @@ def test_finetune_with_context_parallelism(tmp_path, source):
     assert [r["step"] for r in metrics(run_dir)] == [5]
 
 
-def test_finetune_under_deepspeed(tmp_path, source):
+def _exported_logits_equal_trained(run_dir, out, source):
+    """Exports `run_dir` with the script; transformers' logits of the export equal the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_mha.models import from_hf
+    from dist_mha.train.export_hf import load_trained
+
+    proc = run([sys.executable, EXPORT, str(run_dir), str(out)])
+    trained, _ = load_trained(run_dir)  # the newest verified step, resharded to one rank
+    theirs = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = theirs(ids).logits
+        assert (trained(ids) - logits).abs().max() < 1e-4
+        # It was fine-tuned: the exported logits are not the source checkpoint's.
+        assert (from_hf(source)(ids) - logits).abs().max() > 1e-3
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_finetune_under_deepspeed_and_export_its_checkpoint(tmp_path, source):
     pytest.importorskip("deepspeed", reason="needs deepspeed (the deepspeed extra)")
     run_dir = tmp_path / "ds"
     _torchrun(run_dir, 2, "model=hf", f"model.path={source}", "parallel.tp=2", "launcher=deepspeed",
               "launcher.zero_stage=1", "train.steps=5", "train.ckpt_every=5", timeout=400)
     assert [r["step"] for r in metrics(run_dir)] == [5]
-    assert (run_dir / "deepspeed_checkpoints" / "latest").is_file()
+    report = _exported_logits_equal_trained(run_dir, tmp_path / "exported", source)
+    assert report["step"] == 5 and "deepspeed_checkpoints" in report["from"]
 
 
 def test_data_whose_ids_exceed_the_vocabulary_is_refused(tmp_path, source):
