@@ -163,3 +163,21 @@ def test_missing_files_and_directories_raise_naming_them(tmp_path, checkpoints):
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
     with pytest.raises(ValueError, match="Unsupported model_type='gpt_oss'"):
         from_hf(tmp_path / "gpt")
+
+
+def test_explicit_position_ids_equal_transformers(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    from dist_mha.models import from_hf
+
+    # Rotary attention sees position differences only, so the positions skip (2 per token in row 0, 3 in row 1).
+    # An all-ones attention_mask keeps transformers from reading the jumps as packed documents.
+    pos = torch.arange(T)[None] * torch.tensor([[2], [3]]) + torch.tensor([[9], [40]])
+    for family in hf_models.FAMILIES:
+        path = checkpoints[(family, "float64")][0]
+        theirs = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ref = theirs(IDS, position_ids=pos, attention_mask=torch.ones_like(IDS), use_cache=False).logits
+            ours = from_hf(path)(IDS, position_ids=pos)
+        assert (ours - ref).abs().max() < TOL["float64"], family
+        assert (ours - checkpoints[(family, "float64")][1]).abs().max() > 1e-4  # the positions mattered
