@@ -167,10 +167,15 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
     dtype = _DTYPES[cfg.train.dtype]
     m = cfg.model
     cp_args = {"cp_group": state.cp_group, "cp_mode": cfg.parallel.get("cp_mode", "ring")} if cp > 1 else {}
-    model = DecoderLM(data.vocab_size, seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio, m.dropout,
-                      m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=state.tp_group,
-                      sequence_parallel=cfg.parallel.sequence_parallel, **cp_args,
-                      dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
+    if m.get("name") == "hf":  # a local Hugging Face checkpoint (configs/model/hf.yaml)
+        from dist_mha.train import hf_model
+
+        model = hf_model.build(cfg, data, state, info.device, dtype, run_dir, info.is_main)
+    else:
+        model = DecoderLM(data.vocab_size, seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio, m.dropout,
+                          m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=state.tp_group,
+                          sequence_parallel=cfg.parallel.sequence_parallel, **cp_args,
+                          dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     manifest = {"config": run_config, "tp": tp, "cp": cp, "dp": dp, "world": info.world_size}

@@ -1,0 +1,1 @@
+"""Bridges to other libraries (imported on demand; nothing here is needed by the core)."""
