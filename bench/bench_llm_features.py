@@ -108,11 +108,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results", "llm_features.json"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="small shape, 2 repeats (smoke test)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), torch.float32
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     shapes = ["small"] if args.quick else list(SHAPES)
     repeats = 2 if args.quick else args.repeats
     rows = [r for s in shapes for r in layer_calls(s, repeats, device, dtype)]
