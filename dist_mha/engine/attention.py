@@ -29,9 +29,9 @@ from dist_mha.attention.layout import normalize_attention_axes
 from dist_mha.engine import call, projections, stages
 from dist_mha.engine import config as cfg
 from dist_mha.engine.dropout import DropoutStreams
-from dist_mha.parallel import agreement, groups
+from dist_mha.parallel import agreement, groups, mesh
 from dist_mha.parallel.cp import layout as cp_layout
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp import placement, sharding
 
 DROPOUT_MODES = ("per_rank", "tp_invariant")
 
@@ -73,6 +73,10 @@ class AttentionCore(DropoutStreams, nn.Module):
         self._kernel_regularizer, self._bias_regularizer = kernel_regularizer, bias_regularizer
         self._activity_regularizer = activity_regularizer
         self._kernel_constraint, self._bias_constraint = kernel_constraint, bias_constraint
+        # A DeviceMesh axis (state.mesh["tp"]) makes the parameters DTensors at build (parallel/dtensor.py).
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, self.tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_group, self.cp_mesh = mesh.axis_arg("cp_group", cp_group)
         self.tp_group = cfg.process_group("tp_group", tp_group)
         self.tp_size = groups.size_of(self.tp_group)
         self.tp_rank = groups.rank_of(self.tp_group)
@@ -143,6 +147,10 @@ class AttentionCore(DropoutStreams, nn.Module):
             self.add_module(proj.name, proj)
             projections.initialize(proj, self._kernel_initializer, self._bias_initializer, base, self.tp_group)
         self._make_streams(base)
+        if self.tp_mesh is not None or self.cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, self.tp_mesh, self.cp_mesh)
         self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
         self.built = True
         self.trainable = self._trainable
@@ -170,6 +178,7 @@ class AttentionCore(DropoutStreams, nn.Module):
         kb, vb = biases if biases else (None, None)
         return [None, (kk, kb), None, (vk, vb)]
 
+    @placement.on_local_params()
     def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None) -> KVCache:
         """An empty `KVCache` for this layer's (this rank's) key/value heads.
 
