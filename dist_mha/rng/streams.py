@@ -27,11 +27,14 @@ Under tensor parallelism a layer keeps two kinds of stream:
 `CallCounter` keys the TP-invariant dropout mode, whose masks are a pure
 function of (seed, call index, global element index).
 
-`checkpoint` wraps `torch.utils.checkpoint` so that recomputation replays the
-streams from the states they had in the original forward. Any other
-activation checkpointing (plain `torch.utils.checkpoint`, DeepSpeed's,
-FSDP's wrapper) would recompute with a different mask; a stream used during
-a backward pass outside that replay raises instead (`RecomputeError`).
+Activation checkpointing: a non-reentrant `torch.utils.checkpoint` (also
+under `checkpoint_wrapper` and the composable `checkpoint`) recomputes a
+region inside backward; each stream notices that (`dist_mha.rng.replay`)
+and draws from the state it had in that region's forward, so the masks and
+gradients are those without checkpointing. `checkpoint` does the same with
+explicit snapshots. A recomputation that cannot be matched to its forward
+(reentrant checkpoints, DeepSpeed's) raises `RecomputeError` instead of
+drawing other masks.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from dist_mha.rng import replay
 from dist_mha.rng.counter import _bits, _srl, keep_mask, mix64
 from dist_mha.rng.generators import canonical_device as _canonical
 from dist_mha.rng.generators import use_generator
@@ -58,29 +62,75 @@ class RecomputeError(RuntimeError):
     """A dropout stream was used to recompute a forward without replaying it."""
 
 
-def _check_not_recomputing(owner) -> None:
-    """Raises when `owner` draws during a backward pass without `checkpoint`'s replay.
+class _Replayable:
+    """A stream's part in activation checkpointing: recomputed regions draw what their forward drew.
 
-    Activation checkpointing recomputes the forward inside the backward pass;
-    a stream that has moved on since would draw a different dropout mask
-    there, and the gradients would silently belong to another network.
+    `_draw()` runs before every draw. In a checkpointed region's forward it
+    records the state at the region's first draw (`replay.remember`); in that
+    region's recomputation it puts that state back for the recomputation's
+    draws (keeping the live state aside), and the next draw outside it
+    returns to the live state. `dist_mha.rng.streams.checkpoint` replays
+    explicitly (`_replaying`). Anything else that draws during a backward pass
+    (a reentrant checkpoint, DeepSpeed's) raises `RecomputeError`.
     """
-    if owner._replaying or torch.compiler.is_compiling():
-        return
-    if torch._C._current_graph_task_id() != -1:
-        raise RecomputeError(
-            f"The dropout stream {owner.name!r} was used during a backward pass: an activation checkpoint "
-            "(torch.utils.checkpoint, DeepSpeed's or FSDP's checkpoint wrapper) is recomputing a forward with "
-            "dropout, and would draw different masks than the forward did, silently corrupting the gradients. "
-            "Checkpoint with dist_mha.rng.streams.checkpoint(fn, *args, streams=collect_streams(module)), "
-            "which replays the streams, or set dropout to 0 inside the checkpointed region."
-        )
+
+    _live = None  # the state a recomputation set aside
+    _recompute_key = None  # (frame, graph) of the recomputation the stream is replaying
+
+    def _draw(self) -> None:
+        if self._replaying or torch.compiler.is_compiling():
+            return
+        where = replay.current()
+        if where is not None and where[0] == replay.RECOMPUTE:
+            _, frame, graph = where
+            if self._recompute_key != (id(frame), graph):
+                snap = replay.recall(frame, self)
+                if snap is None:
+                    raise RecomputeError(
+                        f"The dropout stream {self.name!r} drew while a checkpointed region was recomputed, but "
+                        "not in that region's forward: the recomputation does not repeat the forward, so its "
+                        "masks cannot be replayed. Keep dropout settings equal between forward and backward.")
+                if self._live is None:
+                    self._live = self._snapshot()
+                self._restore(snap)
+                self._recompute_key = (id(frame), graph)
+            return
+        self._settle()
+        if torch._C._current_graph_task_id() != -1:
+            raise RecomputeError(
+                f"The dropout stream {self.name!r} was used during a backward pass outside a replayable "
+                "recomputation: an activation checkpoint that re-runs the forward inside backward "
+                "(torch.utils.checkpoint with use_reentrant=True, DeepSpeed's checkpoint) would draw different "
+                "masks than the forward did, silently corrupting the gradients. Use torch.utils.checkpoint with "
+                "use_reentrant=False (or checkpoint_wrapper / torch.distributed._composable.checkpoint), which "
+                "dist_mha replays, or dist_mha.rng.streams.checkpoint(fn, *args, streams=collect_streams(module)); "
+                "or set dropout to 0 inside the checkpointed region.")
+        if where is not None:
+            replay.remember(where[1], self)
+
+    def _settle(self) -> None:
+        """Back to the live state after a recomputation replayed an earlier one."""
+        if self._recompute_key is not None:
+            self._restore(self._live)
+            self._live = self._recompute_key = None
+
+    def snapshot(self):
+        """The stream's state (a copy), as live code sees it."""
+        where = replay.current()
+        if where is None or where[0] != replay.RECOMPUTE:
+            self._settle()
+        return self._snapshot()
+
+    def restore(self, snap) -> None:
+        """Puts the state back to `snap`."""
+        self._live = self._recompute_key = None
+        self._restore(snap)
 
 
 _COUNTER = "counter:"  # state-dict key prefix of the compiled-mode counters
 
 
-class RNGStream:
+class RNGStream(_Replayable):
     """A reproducible random stream: one `torch.Generator` per device.
 
     Args:
@@ -109,7 +159,7 @@ class RNGStream:
         Raises:
             RecomputeError: when called during a backward pass outside `checkpoint`'s replay.
         """
-        _check_not_recomputing(self)
+        self._draw()
         device = _canonical(device)
         key = str(device)
         gen = self._gens.get(key)
@@ -149,14 +199,14 @@ class RNGStream:
         offset.add_(n)
         return _srl(_bits(mix64(self.seed, 0x636F756E746572), flat), 40).to(torch.float32).mul_(2.0**-24)
 
-    def snapshot(self) -> dict:
+    def _snapshot(self) -> dict:
         """The state of every device's generator and counter (a copy)."""
         out = {k: v.clone() for k, v in self._pending.items()}
         out.update({k: g.get_state() for k, g in self._gens.items()})
         out.update({_COUNTER + k: t.detach().cpu().clone() for k, t in self._offsets.items()})
         return out
 
-    def restore(self, snap: dict) -> None:
+    def _restore(self, snap: dict) -> None:
         """Puts generators and counters back to `snap`, in place (compiled code holds the objects)."""
         self._pending = {k: v for k, v in snap.items() if k not in self._gens and k[len(_COUNTER):] not in self._offsets}
         for key, gen in self._gens.items():
@@ -200,7 +250,7 @@ def dropout(x: torch.Tensor, p: float, stream=None) -> torch.Tensor:
         return F.dropout(x, p, training=True)
 
 
-class CallCounter:
+class CallCounter(_Replayable):
     """Counts calls; the TP-invariant dropout masks are keyed by it."""
 
     def __init__(self, seed: int, name: str = "invariant_dropout"):
@@ -210,14 +260,14 @@ class CallCounter:
         self._replaying = False
 
     def next(self) -> int:
-        _check_not_recomputing(self)
+        self._draw()
         self.count += 1
         return self.count - 1
 
-    def snapshot(self):
+    def _snapshot(self):
         return self.count
 
-    def restore(self, snap) -> None:
+    def _restore(self, snap) -> None:
         self.count = snap
 
     def state_dict(self) -> dict:
@@ -280,13 +330,17 @@ def generators(module: torch.nn.Module, device) -> list:
     return [s.generator(device) for s in collect_streams(module) if isinstance(s, RNGStream)]
 
 
-def checkpoint(function, *args, streams, **kwargs):
-    """`torch.utils.checkpoint` that replays dist_mha RNG streams on recompute.
+def checkpoint(function, *args, streams=(), **kwargs):
+    """`torch.utils.checkpoint` (non-reentrant) that replays dist_mha RNG streams on recompute.
+
+    Plain `torch.utils.checkpoint(..., use_reentrant=False)` replays every
+    stream by itself (see `_Replayable`); this wrapper replays `streams`
+    explicitly from snapshots taken at the region's start.
 
     Args:
         function: the function to checkpoint.
         *args: its arguments.
-        streams: the streams it uses, e.g. `collect_streams(block)`.
+        streams: the streams it uses, e.g. `collect_streams(block)` (others are replayed automatically).
         **kwargs: passed to `torch.utils.checkpoint.checkpoint`.
 
     Example:
@@ -302,6 +356,8 @@ def checkpoint(function, *args, streams, **kwargs):
 
     @contextlib.contextmanager
     def recompute_ctx():
+        for s in streams:
+            s._settle()  # a recomputation of another region may have left it replaying
         after = {id(s): s.snapshot() for s in streams}
         for s in streams:
             s.restore(snaps[id(s)])
