@@ -77,7 +77,7 @@ class DecoderLM(nn.Module):
         with torch.no_grad():
             for salt, emb in ((1, self.tok), (2, self.pos)):  # N(0, 0.02), by global index
                 emb.weight.copy_(counter.normal(counter.mix64(base, salt), emb.weight.shape, device=device) * 0.02)
-            placement.declare(emb, "weight", placement.replicate())  # grads equal on every TP rank (full logits)
+                placement.declare(emb, "weight", placement.replicate())  # grads equal on every TP rank (full logits)
         seed = base if seed is None else seed
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, num_kv_heads=num_kv_heads, mlp_ratio=mlp_ratio, dropout=dropout,

@@ -273,3 +273,23 @@ def local_grads(module: nn.Module) -> dict:
                 g = p.grad if p.grad.placements == p.placements else p.grad.redistribute(p.device_mesh, p.placements)
                 out[id(p)] = local_tensor(m, name, g)
     return out
+
+
+def local_state_dict(module: nn.Module) -> dict:
+    """`module.state_dict()` with every DTensor as this rank's local shard: the per-rank checkpoint format.
+
+    The same keys, shapes and `_extra_state` as a model built with process
+    groups, so `dist_mha.checkpoint.save_tp_shard` writes it and
+    `load_tp_shard` reshards it as before.
+    """
+    with local_params(module):
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in module.state_dict().items()}
+
+
+def load_local_state_dict(module: nn.Module, state_dict: dict, strict: bool = True):
+    """Loads a per-rank state dict (local shards, e.g. from `load_tp_shard`) into DTensor parameters.
+
+    Collective over TP when units are replicated (they are re-gathered).
+    """
+    with local_params(module, write=True):
+        return module.load_state_dict(state_dict, strict=strict)
