@@ -116,8 +116,8 @@ def task_run(ctx, tp, mode, warmup, blocks, per_block):
     mem["total"] = sum(mem.values())
     if mode == "fsdp2":
         inner = model.module if hasattr(model, "module") else model
-        largest = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in inner.blocks)
-        mem["transient"] = 2 * largest * st.dp_size  # the unsharded block (this rank's TP shard), two in flight
+        largest = max(_nbytes(b.parameters()) for b in inner.blocks)  # this rank's FSDP shard of a block
+        mem["transient"] = 2 * largest * st.dp_size  # the all-gathered block (this rank's TP shard), two in flight
     times = []
     for b in range(blocks):
         for i in range(per_block):

@@ -20,11 +20,11 @@ FSDP2 = "parallel.dp_mode=fsdp2"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A one-process reference, and an FSDP2 TP=2 run stopped at step 10 then resumed in one process (TP=1)."""
+    """A one-process reference, and an FSDP2 TP=2 run stopped at step 10, resumed at CP=2 with DDP on the mesh."""
     base = tmp_path_factory.mktemp("fsdp2")
     train(base / "reference", *F64)
     torchrun(base / "run", 2, "parallel.tp=2", FSDP2, "train.stop_at_step=10", *F64)
-    train(base / "run", FSDP2, *F64)
+    torchrun(base / "run", 2, "parallel.cp=2", "train.checkpoint_format=dcp", *F64)
     return base
 
 
@@ -32,7 +32,7 @@ def _losses(run_dir):
     return [r["loss"] for r in metrics(run_dir)]
 
 
-def test_fsdp2_run_writes_verified_dcp_steps_and_resumes_at_another_tp_degree(runs):
+def test_fsdp2_run_writes_verified_dcp_steps_and_resumes_at_another_layout(runs):
     run = runs / "run"
     assert [r["step"] for r in metrics(run)] == [5, 10, 15, 20]  # each step once
     for a, b in zip(_losses(runs / "reference"), _losses(run)):
@@ -45,21 +45,21 @@ def test_fsdp2_run_writes_verified_dcp_steps_and_resumes_at_another_tp_degree(ru
     assert set(manifest["files"]) == set(names) - {"manifest.json"}
     assert not (run / "checkpoints").exists()
     log = (run / "train.log").read_text()
-    assert "PyTorch FSDP2, DCP checkpoints" in log
-    assert "(saved at dp=1 tp=2 cp=1, now dp=1 tp=1 cp=1)" in log
+    assert "PyTorch FSDP2, DCP checkpoints" in log and "PyTorch, DCP checkpoints" in log  # fsdp2, then ddp
+    assert "(saved at dp=1 tp=2 cp=1, now dp=1 tp=1 cp=2)" in log
 
 
 def test_a_corrupt_dcp_step_is_set_aside_and_the_run_falls_back_to_the_previous_one(runs, tmp_path):
     run = shutil.copytree(runs / "run", tmp_path / "run")
-    shard = run / "dcp_checkpoints" / "step_00000020" / "__0_0.distcp"  # written by the TP=1 process
+    shard = run / "dcp_checkpoints" / "step_00000020" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))
     (run / "dcp_checkpoints" / "latest").unlink()  # only a hint
-    proc = train(run, FSDP2, *F64, "train.steps=20")
+    proc = train(run, FSDP2, *F64)  # one process: loads the 2-rank step 10
     out = proc.stdout
     assert f"{shard} is corrupt" in out and "falling back to step_00000010" in out
-    assert (run / "dcp_checkpoints" / "step_00000020.corrupt" / "__0_0.distcp").is_file()  # kept, never read again
+    assert (run / "dcp_checkpoints" / "step_00000020.corrupt" / "__1_0.distcp").is_file()  # kept, never read again
     assert [r["step"] for r in metrics(run)] == [5, 10, 15, 20]
     for a, b in zip(_losses(runs / "reference"), _losses(run)):
         assert abs(a - b) < 1e-9, (a, b)
