@@ -194,6 +194,7 @@ def mesh_errors(ctx):
         "mixed": lambda: MultiHeadAttention(4, 4, query_shape=E, tp_group=st.mesh["tp"], cp_group=st.dp_group),
         "heads": lambda: MultiHeadAttention(3, 4, query_shape=E, tp_group=st.mesh["tp"]),
         "block_two_dims": lambda: TransformerBlock(E, 4, tp_group=st.mesh["dp", "tp"]),
+        "lazy": lambda: MultiHeadAttention(4, 4, tp_group=st.mesh["tp"]),
     }
     for name, make in cases.items():
         try:
@@ -276,4 +277,38 @@ def per_rank_checkpoint(ctx, directory):
     layer = make(st2.mesh["tp"], 1)
     load_local_state_dict(layer, load_tp_shard(directory, 2, st2.tp_rank))
     errors["same_layout_dropout"] = (layer(x, x) - saved(x, x)).abs().max().item()
+    return errors
+
+
+def keras_api_on_mesh(ctx):
+    """Penalties, their gradients and constraints of a TP2 mesh layer (one key/value head: replicated) vs groups."""
+    from dist_mha import GroupQueryAttention
+
+    st = state(ctx, 2)
+
+    def make(group):
+        torch.manual_seed(0)
+        return GroupQueryAttention(3, 4, 1, query_shape=12, tp_group=group, dtype=F64, kernel_regularizer="l2",
+                                   bias_regularizer="l1", kernel_constraint="max_norm")
+
+    mesh_layer, group_layer = make(st.mesh["tp"]), make(ctx.group(2))
+    full = [w * 3 for w in group_layer.get_weights()]  # large enough for max_norm to act
+    errors = {}
+    for layer in (mesh_layer, group_layer):
+        layer.set_weights(full)
+        sum(layer.losses).backward()
+    errors["losses"] = abs(sum(mesh_layer.losses).item() - sum(group_layer.losses).item())
+    from dist_mha.parallel.dtensor import local_grads
+
+    grads = local_grads(mesh_layer)
+    errors["penalty_grads"] = max((grads[id(a.param)] - b.param.grad).abs().max().item()
+                                  for a, b in zip(mesh_layer._keras_weights(), group_layer._keras_weights()))
+    for layer in (mesh_layer, group_layer):
+        layer.apply_constraints()
+    errors["constrained"] = float(max(abs(a - b).max() for a, b in zip(mesh_layer.get_weights(),
+                                                                        group_layer.get_weights())))
+    # Every TP rank holds the whole replicated key kernel, equal to the full weight (what DCP saves once).
+    key = mesh_layer._modules["key"].kernel
+    errors["replicated_key_kernel"] = (key.to_local() - torch.as_tensor(mesh_layer.get_weights()[2])).abs().max().item()
+    errors["changed_by_constraint"] = -float(max(abs(a - b).max() for a, b in zip(full, group_layer.get_weights())))
     return errors

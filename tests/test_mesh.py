@@ -17,6 +17,7 @@ def test_bad_mesh_arguments_raise_a_clear_error_before_any_collective(rank_pool)
         assert "one a DeviceMesh, the other a process group" in msgs["mixed"]
         assert "Valid TP sizes for num_heads=3: [1, 3]" in msgs["heads"]
         assert "expected a 1-D DeviceMesh" in msgs["block_two_dims"]
+        assert "Pass query_shape=" in msgs["lazy"]
 
 
 def test_layers_on_mesh_axes_match_one_device(rank_pool):
@@ -62,4 +63,10 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients_at_every
 
 def test_per_rank_checkpoints_of_mesh_layers_reshard_as_before(rank_pool, tmp_path):
     for errors in rank_pool.run(mesh_tasks.per_rank_checkpoint, str(tmp_path)):
+        assert max(errors.values()) < 1e-12, errors
+
+
+def test_keras_penalties_and_constraints_on_mesh_layers_equal_the_process_group_ones(rank_pool):
+    for errors in rank_pool.run(mesh_tasks.keras_api_on_mesh):
+        assert errors.pop("changed_by_constraint") < -1e-3, errors  # max_norm acted
         assert max(errors.values()) < 1e-12, errors

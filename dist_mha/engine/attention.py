@@ -110,6 +110,11 @@ class AttentionCore(DropoutStreams, nn.Module):
             self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
         elif value_shape is not None or key_shape is not None:
             raise ValueError("Received `value_shape`/`key_shape` without `query_shape`; pass query_shape too to build eagerly.")
+        elif self.tp_mesh is not None or self.cp_mesh is not None:
+            raise ValueError(
+                f"Received a DeviceMesh as `tp_group`/`cp_group` without `query_shape`: DTensor parameters must exist "
+                f"before the first call (for fully_shard and the optimizer). Pass query_shape= to build {layer_name} "
+                "eagerly.")
 
     # -- build ----------------------------------------------------------------
     def build(self, query_shape, value_shape, key_shape=None):
