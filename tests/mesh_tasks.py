@@ -136,8 +136,9 @@ def _optim_full(model, opt):
 LOAD_LAYOUTS = [(2, 1), (4, 1), (1, 1), (1, 2)]  # (tp, cp) on 4 ranks: same, TP4, DP4 x TP1, DP2 x CP2
 
 
-def dcp_reshard(ctx, directory, nkv=2):
-    """Saves a DecoderLM (FSDP2, DP2 x TP2) after one step; loads it at each of `LOAD_LAYOUTS` and steps again."""
+def dcp_reshard(ctx, directory, nkv=1):
+    """Saves a DecoderLM (FSDP2, DP2 x TP2, one key/value head: replicated over TP) after one step; loads it at
+    each of `LOAD_LAYOUTS` and steps again."""
     kind = "lm"
     ref = _build(kind, nkv=nkv)
     ref_opt = _opt(ref)
@@ -161,6 +162,13 @@ def dcp_reshard(ctx, directory, nkv=2):
         _step(kind, fresh, fresh_opt, 1, st)
         loaded["step2"] = _max_err(_full(fresh), ref_after)
         report[f"tp{tp}cp{cp}"] = loaded
+    # Full (unsharded) weights, as a Hugging Face import has them, go into the sharded model on every rank.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    fresh = _shard(_build(kind, state(ctx, 2, 1), nkv=nkv, seed=1), state(ctx, 2, 1))
+    full_sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("_extra_state")}
+    set_model_state_dict(fresh, full_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    report["full_state_dict"] = {"param": _max_err(_full(fresh), ref_after)}
     return report
 
 

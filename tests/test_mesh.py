@@ -46,6 +46,7 @@ def test_fsdp2_step_equals_one_device_at_dp2_tp2_and_dp2_cp2(rank_pool):
 def test_dcp_restores_every_rank_and_reshards_across_dp_tp_cp(rank_pool, tmp_path):
     directory = str(tmp_path / "dcp")
     for report in rank_pool.run(mesh_tasks.dcp_reshard, directory, timeout=600):
+        assert report.pop("full_state_dict")["param"] == 0.0  # full weights (e.g. imported) load into the shards
         assert set(report) == {f"tp{tp}cp{cp}" for tp, cp in mesh_tasks.LOAD_LAYOUTS}
         for layout, r in report.items():
             assert r["param"] == 0.0 and r["optim"] == 0.0, (layout, r)  # bitwise
