@@ -12,31 +12,26 @@ import shutil
 import pytest
 import torch
 
-from train_helpers import failed, metrics, torchrun, train
+from train_helpers import metrics, torchrun, train
 
 F64 = ["train.dtype=float64"]
 FSDP2 = "parallel.dp_mode=fsdp2"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A one-process reference, and an FSDP2 TP=2 run stopped at step 10, resumed at CP=2 with DDP on the mesh."""
-    base = tmp_path_factory.mktemp("fsdp2")
-    train(base / "reference", *F64)
-    torchrun(base / "run", 2, "parallel.tp=2", FSDP2, "train.stop_at_step=10", *F64)
-    torchrun(base / "run", 2, "parallel.cp=2", "train.checkpoint_format=dcp", *F64)
-    return base
 
 
 def _losses(run_dir):
     return [r["loss"] for r in metrics(run_dir)]
 
 
-def test_fsdp2_run_writes_verified_dcp_steps_and_resumes_at_another_layout(runs):
-    run = runs / "run"
-    assert [r["step"] for r in metrics(run)] == [5, 10, 15, 20]  # each step once
-    for a, b in zip(_losses(runs / "reference"), _losses(run)):
-        assert abs(a - b) < 1e-9, (a, b)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """An FSDP2 run at TP=2 (two processes), checkpoints at steps 10 and 20."""
+    run_dir = tmp_path_factory.mktemp("fsdp2") / "run"
+    torchrun(run_dir, 2, "parallel.tp=2", FSDP2, *F64)
+    return run_dir
+
+
+def test_fsdp2_run_writes_verified_dcp_steps(run):
+    assert [r["step"] for r in metrics(run)] == [5, 10, 15, 20]
     step = run / "dcp_checkpoints" / "step_00000010"
     names = sorted(p.name for p in step.iterdir())
     assert names == [".metadata", "SHA256SUMS", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
@@ -44,33 +39,48 @@ def test_fsdp2_run_writes_verified_dcp_steps_and_resumes_at_another_layout(runs)
     assert manifest["kind"] == "dcp" and manifest["dp_mode"] == "fsdp2" and manifest["tp"] == 2
     assert set(manifest["files"]) == set(names) - {"manifest.json"}
     assert not (run / "checkpoints").exists()
-    log = (run / "train.log").read_text()
-    assert "PyTorch FSDP2, DCP checkpoints" in log and "PyTorch, DCP checkpoints" in log  # fsdp2, then ddp
-    assert "(saved at dp=1 tp=2 cp=1, now dp=1 tp=1 cp=2)" in log
+    assert "PyTorch FSDP2, DCP checkpoints" in (run / "train.log").read_text()
 
 
-def test_a_corrupt_dcp_step_is_set_aside_and_the_run_falls_back_to_the_previous_one(runs, tmp_path):
-    run = shutil.copytree(runs / "run", tmp_path / "run")
-    shard = run / "dcp_checkpoints" / "step_00000020" / "__1_0.distcp"
+def test_a_corrupt_dcp_step_is_set_aside_and_the_run_resumes_the_previous_one_at_another_layout(run, tmp_path):
+    copy = shutil.copytree(run, tmp_path / "run")
+    shard = copy / "dcp_checkpoints" / "step_00000020" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))
-    (run / "dcp_checkpoints" / "latest").unlink()  # only a hint
-    proc = train(run, FSDP2, *F64)  # one process: loads the 2-rank step 10
-    out = proc.stdout
-    assert f"{shard} is corrupt" in out and "falling back to step_00000010" in out
-    assert (run / "dcp_checkpoints" / "step_00000020.corrupt" / "__1_0.distcp").is_file()  # kept, never read again
-    assert [r["step"] for r in metrics(run)] == [5, 10, 15, 20]
-    for a, b in zip(_losses(runs / "reference"), _losses(run)):
+    (copy / "dcp_checkpoints" / "latest").unlink()  # only a hint
+    proc = train(copy, FSDP2, *F64)  # one process (TP=1) resumes the TP=2 step 10
+    assert f"{shard} is corrupt" in proc.stdout and "falling back to step_00000010" in proc.stdout
+    assert "(saved at dp=1 tp=2 cp=1, now dp=1 tp=1 cp=1)" in proc.stdout
+    assert (copy / "dcp_checkpoints" / "step_00000020.corrupt" / "__1_0.distcp").is_file()  # kept, never read again
+    assert [r["step"] for r in metrics(copy)] == [5, 10, 15, 20]  # each step once
+    for a, b in zip(_losses(run), _losses(copy)):  # steps 11-20 again, at TP=1: the same losses
         assert abs(a - b) < 1e-9, (a, b)
 
 
-def test_bad_dp_mode_and_checkpoint_format_combinations_are_refused(runs, tmp_path):
-    out = failed(train(tmp_path / "a", FSDP2, "train.checkpoint_format=shards", check=False))
-    assert "use train.checkpoint_format=dcp" in out
-    run = shutil.copytree(runs / "run", tmp_path / "b")  # DCP steps: a shards run cannot resume them
-    out = failed(train(run, "train.checkpoint_format=shards", check=False))
-    assert "holds checkpoints in dcp_checkpoints/" in out and "train.checkpoint_format=dcp" in out
+def test_bad_dp_mode_and_checkpoint_format_combinations_are_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dist_mha.train.loop import _checkpoint_kind
+    from dist_mha.train.startup import plan_start
+
+    def kind(**over):
+        cfg = {"parallel": {"dp_mode": "ddp"}, "train": {"checkpoint_format": None}, "launcher": {"name": "torchrun"}}
+        for key, value in over.items():
+            section, name = key.split("__")
+            cfg[section][name] = value
+        return _checkpoint_kind(OmegaConf.create(cfg))
+
+    assert (kind(), kind(parallel__dp_mode="fsdp2"), kind(train__checkpoint_format="dcp")) == ("tp", "dcp", "dcp")
+    with pytest.raises(ValueError, match="use train.checkpoint_format=dcp"):
+        kind(parallel__dp_mode="fsdp2", train__checkpoint_format="shards")
+    with pytest.raises(ValueError, match="expected one of"):
+        kind(parallel__dp_mode="zero3")
+    with pytest.raises(ValueError, match="Drop launcher=deepspeed"):
+        kind(parallel__dp_mode="fsdp2", launcher__name="deepspeed")
+    (tmp_path / "dcp_checkpoints" / "step_00000010").mkdir(parents=True)  # a DCP run: shards cannot resume it
+    with pytest.raises(ValueError, match="holds checkpoints in dcp_checkpoints/.*train.checkpoint_format=dcp"):
+        plan_start(tmp_path, resume=True, kind="tp", run_config={}, tp=1, world=1)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: DCP says so
