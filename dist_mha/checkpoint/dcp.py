@@ -80,7 +80,7 @@ def _barrier() -> None:
 
 def layout_key(model) -> str:
     """This rank's position in the model's parameter mesh, e.g. `cp0of2_tp1of2` (`single` without one)."""
-    mesh = model.__dict__.get("_dist_mha_mesh")
+    mesh = next((m.__dict__["_dist_mha_mesh"] for m in model.modules() if "_dist_mha_mesh" in m.__dict__), None)
     if mesh is None:
         return "single"
     coord = mesh.get_coordinate()
@@ -106,7 +106,20 @@ def _unblob(t: torch.Tensor):
 
 
 def checkpoint_state(model, optimizer=None) -> dict:
-    """The DCP state dict: `model` (without `_extra_state`) and `optim`, as DSD gives them."""
+    """The DCP state dict: `model` (without `_extra_state`) and `optim`, as DSD gives them.
+
+    Raises:
+        ValueError: for a model whose TP shards are plain tensors (built with process groups): DCP
+            would store one rank's shard under each name and give it to every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(getattr(m, "tp_size", 1) > 1 for m in model.modules()) and not any(
+            isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            "This model holds its tensor-parallel shards as plain tensors (built with process groups), so DCP "
+            "would save one rank's shard under each name and load it on every rank. Build it with mesh axes "
+            "(tp_group=state.mesh['tp']) for DCP, or save per-rank shards with dist_mha.checkpoint.save_tp_shard.")
     sd = {"model": {k: v for k, v in get_model_state_dict(model).items() if not k.endswith(_EXTRA)}}
     if optimizer is not None:
         sd["optim"] = get_optimizer_state_dict(model, optimizer)
