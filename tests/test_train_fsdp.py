@@ -61,7 +61,7 @@ def test_a_corrupt_dcp_step_is_set_aside_and_the_run_resumes_the_previous_one_at
 def test_bad_dp_mode_and_checkpoint_format_combinations_are_refused(tmp_path):
     from omegaconf import OmegaConf
 
-    from dist_mha.train.loop import _checkpoint_kind
+    from dist_mha.train.fsdp import checkpoint_kind
     from dist_mha.train.startup import plan_start
 
     def kind(**over):
@@ -69,7 +69,7 @@ def test_bad_dp_mode_and_checkpoint_format_combinations_are_refused(tmp_path):
         for key, value in over.items():
             section, name = key.split("__")
             cfg[section][name] = value
-        return _checkpoint_kind(OmegaConf.create(cfg))
+        return checkpoint_kind(OmegaConf.create(cfg))
 
     assert (kind(), kind(parallel__dp_mode="fsdp2"), kind(train__checkpoint_format="dcp")) == ("tp", "dcp", "dcp")
     with pytest.raises(ValueError, match="use train.checkpoint_format=dcp"):

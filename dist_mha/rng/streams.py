@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dist_mha.rng import replay
 from dist_mha.rng.counter import _bits, _srl, keep_mask, mix64
 from dist_mha.rng.generators import canonical_device as _canonical
 from dist_mha.rng.generators import use_generator
+from dist_mha.rng.replay import RecomputeError, Replayable  # noqa: F401  (RecomputeError: public here too)
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
@@ -58,79 +58,10 @@ def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
     return mix64(seed, *parts, *extra) & ((1 << 63) - 1)
 
 
-class RecomputeError(RuntimeError):
-    """A dropout stream was used to recompute a forward without replaying it."""
-
-
-class _Replayable:
-    """A stream's part in activation checkpointing: recomputed regions draw what their forward drew.
-
-    `_draw()` runs before every draw. In a checkpointed region's forward it
-    records the state at the region's first draw (`replay.remember`); in that
-    region's recomputation it puts that state back for the recomputation's
-    draws (keeping the live state aside), and the next draw outside it
-    returns to the live state. `dist_mha.rng.streams.checkpoint` replays
-    explicitly (`_replaying`). Anything else that draws during a backward pass
-    (a reentrant checkpoint, DeepSpeed's) raises `RecomputeError`.
-    """
-
-    _live = None  # the state a recomputation set aside
-    _recompute_key = None  # (frame, graph) of the recomputation the stream is replaying
-
-    def _draw(self) -> None:
-        if self._replaying or torch.compiler.is_compiling():
-            return
-        where = replay.current()
-        if where is not None and where[0] == replay.RECOMPUTE:
-            _, frame, graph = where
-            if self._recompute_key != (id(frame), graph):
-                snap = replay.recall(frame, self)
-                if snap is None:
-                    raise RecomputeError(
-                        f"The dropout stream {self.name!r} drew while a checkpointed region was recomputed, but "
-                        "not in that region's forward: the recomputation does not repeat the forward, so its "
-                        "masks cannot be replayed. Keep dropout settings equal between forward and backward.")
-                if self._live is None:
-                    self._live = self._snapshot()
-                self._restore(snap)
-                self._recompute_key = (id(frame), graph)
-            return
-        self._settle()
-        if torch._C._current_graph_task_id() != -1:
-            raise RecomputeError(
-                f"The dropout stream {self.name!r} was used during a backward pass outside a replayable "
-                "recomputation: an activation checkpoint that re-runs the forward inside backward "
-                "(torch.utils.checkpoint with use_reentrant=True, DeepSpeed's checkpoint) would draw different "
-                "masks than the forward did, silently corrupting the gradients. Use torch.utils.checkpoint with "
-                "use_reentrant=False (or checkpoint_wrapper / torch.distributed._composable.checkpoint), which "
-                "dist_mha replays, or dist_mha.rng.streams.checkpoint(fn, *args, streams=collect_streams(module)); "
-                "or set dropout to 0 inside the checkpointed region.")
-        if where is not None:
-            replay.remember(where[1], self)
-
-    def _settle(self) -> None:
-        """Back to the live state after a recomputation replayed an earlier one."""
-        if self._recompute_key is not None:
-            self._restore(self._live)
-            self._live = self._recompute_key = None
-
-    def snapshot(self):
-        """The stream's state (a copy), as live code sees it."""
-        where = replay.current()
-        if where is None or where[0] != replay.RECOMPUTE:
-            self._settle()
-        return self._snapshot()
-
-    def restore(self, snap) -> None:
-        """Puts the state back to `snap`."""
-        self._live = self._recompute_key = None
-        self._restore(snap)
-
-
 _COUNTER = "counter:"  # state-dict key prefix of the compiled-mode counters
 
 
-class RNGStream(_Replayable):
+class RNGStream(Replayable):
     """A reproducible random stream: one `torch.Generator` per device.
 
     Args:
@@ -250,7 +181,7 @@ def dropout(x: torch.Tensor, p: float, stream=None) -> torch.Tensor:
         return F.dropout(x, p, training=True)
 
 
-class CallCounter(_Replayable):
+class CallCounter(Replayable):
     """Counts calls; the TP-invariant dropout masks are keyed by it."""
 
     def __init__(self, seed: int, name: str = "invariant_dropout"):
@@ -334,7 +265,7 @@ def checkpoint(function, *args, streams=(), **kwargs):
     """`torch.utils.checkpoint` (non-reentrant) that replays dist_mha RNG streams on recompute.
 
     Plain `torch.utils.checkpoint(..., use_reentrant=False)` replays every
-    stream by itself (see `_Replayable`); this wrapper replays `streams`
+    stream by itself (see `dist_mha.rng.replay.Replayable`); this wrapper replays `streams`
     explicitly from snapshots taken at the region's start.
 
     Args:

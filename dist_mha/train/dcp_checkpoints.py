@@ -66,3 +66,22 @@ def _first_line(e: BaseException) -> str:
 def load(step_dir, model, optimizer) -> dict:
     """Every rank: loads a verified step directory into `model`/`optimizer` at this run's layout; returns `meta`."""
     return dcp.load(Path(step_dir), model, optimizer)
+
+
+def resume(step_dir, model, optimizer, state) -> dict:
+    """`load`, then, at another layout, CP ranks > 0 restart the streams of their own rows from their own seeds.
+
+    The checkpoint's first layout position holds CP rank 0's streams; copying them would give every CP rank
+    the same per-rank dropout masks.
+    """
+    from dist_mha.rng.streams import collect_streams
+
+    own_seeds = {id(st): st.seed for st in collect_streams(model)}
+    meta = load(step_dir, model, optimizer)
+    layout = (meta.get("tp"), meta.get("cp"), meta.get("dp"))
+    if state.cp_rank > 0 and layout != (state.tp_size, state.cp_size, state.dp_size):
+        for st in collect_streams(model):
+            if st.name in ("attention_dropout", "residual"):
+                st.seed = own_seeds[id(st)]
+                st.restore({})
+    return meta

@@ -91,3 +91,25 @@ def reduce_mesh_grads(params, state) -> None:
 def local_numel(params) -> int:
     """Elements this rank holds (a DTensor counts its local shard)."""
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+
+
+def checkpoint_kind(cfg) -> str:
+    """"deepspeed", "dcp" or "tp" (per-rank shards), from the launcher, `parallel.dp_mode` and `train.checkpoint_format`."""
+    mode = cfg.parallel.get("dp_mode", "ddp")
+    if mode not in MODES:
+        raise ValueError(f"Received parallel.dp_mode={mode!r}; expected one of {MODES}.")
+    fmt = cfg.train.get("checkpoint_format") or ("dcp" if mode == "fsdp2" else "shards")
+    if fmt not in ("dcp", "shards"):
+        raise ValueError(f"Received train.checkpoint_format={fmt!r}; expected dcp, shards or null (dcp with "
+                         "parallel.dp_mode=fsdp2, shards with ddp).")
+    if cfg.launcher.name == "deepspeed":
+        if mode != "ddp" or cfg.train.get("checkpoint_format") == "dcp":
+            raise ValueError("launcher=deepspeed shards with ZeRO and writes its own checkpoints: it runs with "
+                             "parallel.dp_mode=ddp and no train.checkpoint_format. Drop launcher=deepspeed to use "
+                             f"fsdp2 or dcp (got parallel.dp_mode={mode}, train.checkpoint_format={fmt}).")
+        return "deepspeed"
+    if mode == "fsdp2" and fmt == "shards":
+        raise ValueError("train.checkpoint_format=shards writes each TP rank's local tensors, which "
+                         "parallel.dp_mode=fsdp2 shards further over DP; use train.checkpoint_format=dcp (the default "
+                         "with fsdp2; it resumes at any DP, TP and CP degree).")
+    return "dcp" if fmt == "dcp" else "tp"

@@ -101,7 +101,7 @@ def train(cfg, run_dir, on_start=None) -> dict:
             raise ValueError("parallel.cp > 1 runs with launcher=torchrun: DeepSpeed averages gradients over its data-"
                              "parallel group, which would have to span DP x CP. Drop launcher=deepspeed or set parallel.cp=1.")
         data = make_data(cfg.data, cfg.train.seed)
-        kind = _checkpoint_kind(cfg)
+        kind = fsdp.checkpoint_kind(cfg)
         run_config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
                       "data": {"name": cfg.data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len}}
 
@@ -146,28 +146,6 @@ def train(cfg, run_dir, on_start=None) -> dict:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _checkpoint_kind(cfg) -> str:
-    """"deepspeed", "dcp" or "tp" (per-rank shards), from the launcher, `parallel.dp_mode` and `train.checkpoint_format`."""
-    mode = cfg.parallel.get("dp_mode", "ddp")
-    if mode not in fsdp.MODES:
-        raise ValueError(f"Received parallel.dp_mode={mode!r}; expected one of {fsdp.MODES}.")
-    fmt = cfg.train.get("checkpoint_format") or ("dcp" if mode == "fsdp2" else "shards")
-    if fmt not in ("dcp", "shards"):
-        raise ValueError(f"Received train.checkpoint_format={fmt!r}; expected dcp, shards or null (dcp with "
-                         "parallel.dp_mode=fsdp2, shards with ddp).")
-    if cfg.launcher.name == "deepspeed":
-        if mode != "ddp" or cfg.train.get("checkpoint_format") == "dcp":
-            raise ValueError("launcher=deepspeed shards with ZeRO and writes its own checkpoints: it runs with "
-                             "parallel.dp_mode=ddp and no train.checkpoint_format. Drop launcher=deepspeed to use "
-                             f"fsdp2 or dcp (got parallel.dp_mode={mode}, train.checkpoint_format={fmt}).")
-        return "deepspeed"
-    if mode == "fsdp2" and fmt == "shards":
-        raise ValueError("train.checkpoint_format=shards writes each TP rank's local tensors, which "
-                         "parallel.dp_mode=fsdp2 shards further over DP; use train.checkpoint_format=dcp (the default "
-                         "with fsdp2; it resumes at any DP, TP and CP degree).")
-    return "dcp" if fmt == "dcp" else "tp"
 
 
 def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: int, dp: int, cp: int) -> dict:
@@ -223,13 +201,7 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
     if plan.resume_dir is not None and kind == "dcp":
         from dist_mha.train import dcp_checkpoints
 
-        own_seeds = {id(st): st.seed for st in collect_streams(model)}
-        meta = dcp_checkpoints.load(plan.resume_dir, model, opt)
-        if state.cp_rank > 0 and (meta.get("tp"), meta.get("cp"), meta.get("dp")) != (tp, cp, dp):
-            for st in collect_streams(model):  # another layout: this rank's own rows restart from its own seeds
-                if st.name in ("attention_dropout", "residual"):
-                    st.seed = own_seeds[id(st)]
-                    st.restore({})
+        meta = dcp_checkpoints.resume(plan.resume_dir, model, opt, state)
         if info.is_main:
             log.info("resumed from %s at step %d (saved at dp=%s tp=%s cp=%s, now dp=%d tp=%d cp=%d)", plan.resume_dir,
                      step, meta.get("dp"), meta.get("tp"), meta.get("cp"), dp, tp, cp)
