@@ -31,9 +31,9 @@ from dist_mha.attention.rope import Rope
 from dist_mha.engine import call, projections, stages
 from dist_mha.engine import config as cfg
 from dist_mha.engine.dropout import DropoutStreams
-from dist_mha.parallel import agreement, groups
+from dist_mha.parallel import agreement, groups, mesh
 from dist_mha.parallel.cp import layout as cp_layout
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp import placement, sharding
 
 DROPOUT_MODES = ("per_rank", "tp_invariant")
 
@@ -94,6 +94,11 @@ class AttentionCore(DropoutStreams, nn.Module):
             self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
         elif value_shape is not None or key_shape is not None:
             raise ValueError("Received `value_shape`/`key_shape` without `query_shape`; pass query_shape too to build eagerly.")
+        elif self.tp_mesh is not None or self.cp_mesh is not None:
+            raise ValueError(
+                f"Received a DeviceMesh as `tp_group`/`cp_group` without `query_shape`: DTensor parameters must exist "
+                f"before the first call (for fully_shard and the optimizer). Pass query_shape= to build {layer_name} "
+                "eagerly.")
 
     def _init_features(self, rope, qk_norm, qk_norm_eps, logit_softcap, attention_sinks, scale, output_bias):
         """The extras of today's LLMs (rotary positions, QK-norm, soft-capping, sinks, a score scale), checked."""
@@ -111,6 +116,10 @@ class AttentionCore(DropoutStreams, nn.Module):
 
     def _init_parallel(self, tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks):
         """The TP and CP groups and modes, checked before any collective."""
+        # A DeviceMesh axis (state.mesh["tp"]) makes the parameters DTensors at build (parallel/dtensor.py).
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, self.tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_group, self.cp_mesh = mesh.axis_arg("cp_group", cp_group)
         self.tp_group = cfg.process_group("tp_group", tp_group)
         self.tp_size, self.tp_rank = groups.size_of(self.tp_group), groups.rank_of(self.tp_group)
         sharding.check_heads_divisible(self._num_heads, self.tp_size, self._num_kv_heads)
@@ -164,6 +173,10 @@ class AttentionCore(DropoutStreams, nn.Module):
             projections.initialize(proj, self._kernel_initializer, self._bias_initializer, base, self.tp_group)
         projections.build_extras(self)
         self._make_streams(base)
+        if self.tp_mesh is not None or self.cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, self.tp_mesh, self.cp_mesh)
         self._built_dims = (query_shape[-1], value_shape[-1], key_shape[-1], rank)
         self.built = True
         self.trainable = self._trainable
@@ -194,6 +207,7 @@ class AttentionCore(DropoutStreams, nn.Module):
         kb, vb = biases if biases else (None, None)
         return [None, (kk, kb), None, (vk, vb)]
 
+    @placement.on_local_params()
     def init_cache(self, batch_size: int, max_length: int, *, dtype=None, device=None) -> KVCache:
         """An empty `KVCache` for this layer's (this rank's) key/value heads.
 

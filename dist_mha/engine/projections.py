@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.parallel.tp import sharding
+from dist_mha.parallel.tp import placement, sharding
 from dist_mha.parallel.tp.grads import mark_sharded
 
 # Stable per-weight salts: each kernel (and bias) gets its own random draw,
@@ -62,6 +62,10 @@ class EinsumProjection(nn.Module):
         # `replicas` ranks (> 1 only for key/value heads fewer than TP ranks).
         self.shard_units = shard_units
         self.replicas = replicas
+        placement.declare(self, "kernel", placement.replicate() if kernel_shard_dim is None
+                          else placement.shard(kernel_shard_dim, shard_units))
+        placement.declare(self, "bias", placement.replicate() if bias_shard_dim is None
+                          else placement.shard(bias_shard_dim, shard_units))
 
     @property
     def partial_output_shape(self):

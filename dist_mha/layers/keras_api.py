@@ -15,7 +15,7 @@ import torch
 from dist_mha.engine import config as cfg
 from dist_mha.keras_objects import constraints, initializers, regularizers
 from dist_mha.parallel import region
-from dist_mha.parallel.tp import reshard, sharding
+from dist_mha.parallel.tp import placement, reshard, sharding
 
 _ORDER = ("query", "key", "gate", "value", "attention_output")
 
@@ -101,6 +101,7 @@ class KerasLayerAPI:
         for p in self.parameters():
             p.requires_grad_(self._trainable)
 
+    @placement.on_local_params()
     def get_weights(self) -> list[np.ndarray]:
         """Returns the weights as numpy arrays in Keras's order and shapes.
 
@@ -121,6 +122,7 @@ class KerasLayerAPI:
             arrays.append(t.cpu().numpy().copy())
         return arrays
 
+    @placement.on_local_params(write=True)
     def set_weights(self, weights) -> None:
         """Sets the weights from arrays in `get_weights()` order and shapes.
 
@@ -245,6 +247,7 @@ class KerasLayerAPI:
 
     # -- regularisation and constraints ------------------------------------------------
     @property
+    @placement.on_local_params(grad=True)
     def losses(self) -> list[torch.Tensor]:
         """Differentiable penalties, in Keras's order: the latest call's activity
         penalties (query, key, [gate,] value, output; each divided by batch size),
@@ -261,6 +264,7 @@ class KerasLayerAPI:
                 out.append(sharding.penalty(reg, p, w.dim, self.tp_group, w.replicas))
         return out
 
+    @placement.on_local_params(write=True)
     def apply_constraints(self) -> None:
         """Projects every constrained weight in place (what Keras's optimizer does after a step).
 

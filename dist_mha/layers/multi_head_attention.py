@@ -58,14 +58,16 @@ class MultiHeadAttention(KerasLayerAPI, AttentionCore):
         tp_group: keyword-only: a `torch.distributed` process group over which
             heads are split (`num_heads % tp_size == 0`); None means no tensor
             parallelism. Every rank of the group calls the layer with the same
-            (replicated) inputs.
+            (replicated) inputs. A 1-D `DeviceMesh` (`state.mesh["tp"]`) makes the
+            parameters DTensors on it (FSDP2, DCP; README "FSDP2 and DeviceMesh").
         sequence_parallel: keyword-only: inputs and output are sharded on dim 1
             across `tp_group` (Megatron-style); masks are still given in full.
         cp_group: keyword-only: a process group over which the sequence is
             split (context parallelism); inputs and output are this rank's
             part (`dist_mha.parallel.shard_sequence`), masks are global, causal
             and `sliding_window` use global positions. None: no CP. With
-            `tp_group` too, TP x CP is a 2-D layout. Rank-3 inputs.
+            `tp_group` too, TP x CP is a 2-D layout. Rank-3 inputs. A 1-D
+            `DeviceMesh` (`state.mesh["cp"]`, with `tp_group` a mesh axis too).
         cp_mode: keyword-only: "ring" (K/V blocks passed around the group,
             log-sum-exp merge; any CP size) or "ulysses" (all-to-all to a head
             shard; this rank's heads must divide by the CP size).

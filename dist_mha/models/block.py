@@ -20,6 +20,7 @@ from torch import nn
 
 from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
+from dist_mha.parallel import mesh
 from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.groups import rank_of, size_of
 from dist_mha.parallel.tp.linear import (
@@ -45,7 +46,8 @@ class TransformerBlock(nn.Module):
         causal: apply a causal mask (decoder block).
         attention: optional module replacing the default `MultiHeadAttention`;
             it is called as `attention(h, h, value_mask=..., use_causal_mask=...)`.
-        tp_group, sequence_parallel: tensor parallelism, as in `MultiHeadAttention`.
+        tp_group, sequence_parallel: tensor parallelism, as in `MultiHeadAttention` (a
+            process group, or a 1-D DeviceMesh for DTensor parameters).
         cp_group, cp_mode: context parallelism, as in `MultiHeadAttention`: `x`
             is this rank's part of the sequence (`shard_sequence`), the
             padding mask stays global.
@@ -79,17 +81,22 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"Received embed_dim={embed_dim} not divisible by num_heads={num_heads}.")
         self.causal = causal
         self.dropout = dropout
+        mesh.check_axes(tp_group, cp_group)
+        # Sublayers take the arguments as given (meshes make DTensor parameters); collectives use the groups.
+        tp_arg, cp_arg = tp_group, cp_group
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
+        cp_group, cp_mesh = mesh.axis_arg("cp_group", cp_arg)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         # Weights and dropout seeds must be equal on every TP and CP rank of a model replica,
         # even when the ranks were seeded differently: both come from the first rank's draw.
         seed = agreed_random_base(tp_group, cp_group) if seed is None else seed
-        ln = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        ln = dict(tp_group=tp_arg, sequence_parallel=sequence_parallel, device=device, dtype=dtype, cp_group=cp_arg)
         self.norm1 = ParallelLayerNorm(embed_dim, **ln)
-        common = dict(dropout=attention_dropout, seed=seed, query_shape=embed_dim, tp_group=tp_group,
+        common = dict(dropout=attention_dropout, seed=seed, query_shape=embed_dim, tp_group=tp_arg,
                       sequence_parallel=sequence_parallel, dropout_mode=dropout_mode, device=device, dtype=dtype)
         if cp_group is not None:
-            common.update(cp_group=cp_group, cp_mode=cp_mode)
+            common.update(cp_group=cp_arg, cp_mode=cp_mode)
         if attention is not None:
             self.attention = attention
         elif num_kv_heads is None or num_kv_heads == num_heads:
@@ -98,7 +105,7 @@ class TransformerBlock(nn.Module):
             self.attention = GroupQueryAttention(embed_dim // num_heads, num_heads, num_kv_heads, **common)
         self.norm2 = ParallelLayerNorm(embed_dim, **ln)
         hidden = mlp_ratio * embed_dim
-        lin = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        lin = dict(tp_group=tp_arg, sequence_parallel=sequence_parallel, device=device, dtype=dtype, cp_group=cp_arg)
         init_base = agreed_random_base(tp_group, cp_group)
         self.fc1 = ColumnParallelLinear(embed_dim, hidden, salt=1, init_base=init_base, **lin)
         self.fc2 = RowParallelLinear(hidden, embed_dim, salt=2, init_base=init_base, **lin)
@@ -109,6 +116,10 @@ class TransformerBlock(nn.Module):
         self.residual_stream = RNGStream(
             stream_seed(seed, "residual", rank if (self.sequence_parallel or cp > 1) else None), "residual"
         )
+        if tp_mesh is not None or cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, tp_mesh, cp_mesh)  # one hook per block: the forward swaps in every local view once
 
     def rng_streams(self):
         return [self.residual_stream]

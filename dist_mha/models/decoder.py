@@ -16,10 +16,12 @@ from torch import nn
 
 from dist_mha.attention.segments import document_positions
 from dist_mha.models.block import TransformerBlock
+from dist_mha.parallel import mesh
 from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.collectives import gather_from_tp, scatter_to_tp
 from dist_mha.parallel.cp.layout import positions
 from dist_mha.parallel.groups import size_of
+from dist_mha.parallel.tp import placement
 from dist_mha.parallel.tp.linear import ParallelLayerNorm
 from dist_mha.rng import counter
 
@@ -34,7 +36,8 @@ class DecoderLM(nn.Module):
         num_kv_heads: key/value heads of grouped-query attention (None: as
             many as `num_heads`; 1: multi-query attention).
         dropout: residual and embedding dropout; attention_dropout: on attention probabilities.
-        tp_group, sequence_parallel, dropout_mode: tensor parallelism (see `MultiHeadAttention`).
+        tp_group, sequence_parallel, dropout_mode: tensor parallelism (see `MultiHeadAttention`);
+            with 1-D DeviceMeshes for `tp_group`/`cp_group` every parameter is a DTensor.
         cp_group, cp_mode: context parallelism: `tokens` is this rank's part
             of the sequence (`shard_sequence`), positions are global, and the
             logits are this rank's part too.
@@ -58,6 +61,11 @@ class DecoderLM(nn.Module):
                  attention_dropout=0.0, *, num_kv_heads=None, tp_group=None, sequence_parallel=False,
                  cp_group=None, cp_mode="ring", dropout_mode="per_rank", seed=None, device=None, dtype=None):
         super().__init__()
+        mesh.check_axes(tp_group, cp_group)
+        # Blocks and the norm take the arguments as given (meshes make DTensor parameters).
+        tp_arg, cp_arg = tp_group, cp_group
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
+        cp_group, cp_mesh = mesh.axis_arg("cp_group", cp_arg)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = max_len
@@ -69,17 +77,22 @@ class DecoderLM(nn.Module):
         with torch.no_grad():
             for salt, emb in ((1, self.tok), (2, self.pos)):  # N(0, 0.02), by global index
                 emb.weight.copy_(counter.normal(counter.mix64(base, salt), emb.weight.shape, device=device) * 0.02)
+                placement.declare(emb, "weight", placement.replicate())  # grads equal on every TP rank (full logits)
         seed = base if seed is None else seed
         self.blocks = nn.ModuleList(
             TransformerBlock(embed_dim, num_heads, num_kv_heads=num_kv_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                             attention_dropout=attention_dropout, tp_group=tp_group,
-                             sequence_parallel=sequence_parallel, cp_group=cp_group, cp_mode=cp_mode,
+                             attention_dropout=attention_dropout, tp_group=tp_arg,
+                             sequence_parallel=sequence_parallel, cp_group=cp_arg, cp_mode=cp_mode,
                              seed=seed + 1000 * (i + 1),
                              dropout_mode=dropout_mode, device=device, dtype=dtype)
             for i in range(num_layers)
         )
-        self.norm = ParallelLayerNorm(embed_dim, tp_group=tp_group, sequence_parallel=sequence_parallel,
-                                      device=device, dtype=dtype)
+        self.norm = ParallelLayerNorm(embed_dim, tp_group=tp_arg, sequence_parallel=sequence_parallel,
+                                      cp_group=cp_arg, device=device, dtype=dtype)
+        if tp_mesh is not None or cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, tp_mesh, cp_mesh)
 
     def init_cache(self, batch_size: int, max_length: int | None = None):
         """An empty `DecoderCache` (one KV cache per block, this rank's key/value heads)."""

@@ -16,6 +16,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from dist_mha.parallel.mesh import root_mesh
+
 
 @dataclass
 class ParallelState:
@@ -27,6 +29,10 @@ class ParallelState:
         tp_size, tp_rank, dp_size, dp_rank: sizes and this rank's index on each axis.
         cp_group, cp_size, cp_rank: context parallelism (None / 1 / 0 without it).
         dp_cp_group: every rank with this TP rank (DP x CP): gradients are summed over it.
+        mesh: a `DeviceMesh` over all ranks with dims `("dp", "cp", "tp")`, in
+            this layout, over these same groups (None without torch.distributed).
+            Pass its axes (`mesh["tp"]`, `mesh["cp"]`) as `tp_group=`/`cp_group=`
+            for DTensor parameters, and `mesh["dp"]` to FSDP2's `fully_shard`.
     """
 
     tp_group: object
@@ -39,6 +45,7 @@ class ParallelState:
     cp_size: int = 1
     cp_rank: int = 0
     dp_cp_group: object = None
+    mesh: object = None
 
 
 def _default_group_timeout() -> timedelta | None:
@@ -68,7 +75,8 @@ def build_parallel_state(tp_size: int, cp_size: int = 1, *, timeout: timedelta |
             own 30-minute default, so a hung peer would block that long).
 
     Returns:
-        This rank's `ParallelState`.
+        This rank's `ParallelState`; its `mesh` is the `("dp", "cp", "tp")`
+        DeviceMesh over the groups made here (no further groups are created).
 
     Raises:
         ValueError: if `tp_size * cp_size` does not divide the world size.
@@ -111,8 +119,10 @@ def build_parallel_state(tp_size: int, cp_size: int = 1, *, timeout: timedelta |
         make("dp", list(range(offset, world, block)))
     for t in range(tp_size):
         make("dp_cp", list(range(t, world, tp_size)))
+    device_mesh = root_mesh(groups, (world // block, cp_size, tp_size))
     return ParallelState(groups["tp"], groups["dp"], tp_size, rank % tp_size, world // block, rank // block,
-                         groups["cp"] if cp_size > 1 else None, cp_size, (rank // tp_size) % cp_size, groups["dp_cp"])
+                         groups["cp"] if cp_size > 1 else None, cp_size, (rank // tp_size) % cp_size, groups["dp_cp"],
+                         device_mesh)
 
 
 class MPU:

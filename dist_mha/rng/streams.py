@@ -27,11 +27,14 @@ Under tensor parallelism a layer keeps two kinds of stream:
 `CallCounter` keys the TP-invariant dropout mode, whose masks are a pure
 function of (seed, call index, global element index).
 
-`checkpoint` wraps `torch.utils.checkpoint` so that recomputation replays the
-streams from the states they had in the original forward. Any other
-activation checkpointing (plain `torch.utils.checkpoint`, DeepSpeed's,
-FSDP's wrapper) would recompute with a different mask; a stream used during
-a backward pass outside that replay raises instead (`RecomputeError`).
+Activation checkpointing: a non-reentrant `torch.utils.checkpoint` (also
+under `checkpoint_wrapper` and the composable `checkpoint`) recomputes a
+region inside backward; each stream notices that (`dist_mha.rng.replay`)
+and draws from the state it had in that region's forward, so the masks and
+gradients are those without checkpointing. `checkpoint` does the same with
+explicit snapshots. A recomputation that cannot be matched to its forward
+(reentrant checkpoints, DeepSpeed's) raises `RecomputeError` instead of
+drawing other masks.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch.utils.checkpoint
 from dist_mha.rng.counter import _bits, _srl, mix64
 from dist_mha.rng.generators import canonical_device as _canonical
 from dist_mha.rng.generators import use_generator
+from dist_mha.rng.replay import RecomputeError, Replayable  # noqa: F401  (RecomputeError: public here too)
 
 
 def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
@@ -54,33 +58,10 @@ def stream_seed(seed: int, name: str, rank: int | None = None) -> int:
     return mix64(seed, *parts, *extra) & ((1 << 63) - 1)
 
 
-class RecomputeError(RuntimeError):
-    """A dropout stream was used to recompute a forward without replaying it."""
-
-
-def _check_not_recomputing(owner) -> None:
-    """Raises when `owner` draws during a backward pass without `checkpoint`'s replay.
-
-    Activation checkpointing recomputes the forward inside the backward pass;
-    a stream that has moved on since would draw a different dropout mask
-    there, and the gradients would silently belong to another network.
-    """
-    if owner._replaying or torch.compiler.is_compiling():
-        return
-    if torch._C._current_graph_task_id() != -1:
-        raise RecomputeError(
-            f"The dropout stream {owner.name!r} was used during a backward pass: an activation checkpoint "
-            "(torch.utils.checkpoint, DeepSpeed's or FSDP's checkpoint wrapper) is recomputing a forward with "
-            "dropout, and would draw different masks than the forward did, silently corrupting the gradients. "
-            "Checkpoint with dist_mha.rng.streams.checkpoint(fn, *args, streams=collect_streams(module)), "
-            "which replays the streams, or set dropout to 0 inside the checkpointed region."
-        )
-
-
 _COUNTER = "counter:"  # state-dict key prefix of the compiled-mode counters
 
 
-class RNGStream:
+class RNGStream(Replayable):
     """A reproducible random stream: one `torch.Generator` per device.
 
     Args:
@@ -109,7 +90,7 @@ class RNGStream:
         Raises:
             RecomputeError: when called during a backward pass outside `checkpoint`'s replay.
         """
-        _check_not_recomputing(self)
+        self._draw()
         device = _canonical(device)
         key = str(device)
         gen = self._gens.get(key)
@@ -149,14 +130,14 @@ class RNGStream:
         offset.add_(n)
         return _srl(_bits(mix64(self.seed, 0x636F756E746572), flat), 40).to(torch.float32).mul_(2.0**-24)
 
-    def snapshot(self) -> dict:
+    def _snapshot(self) -> dict:
         """The state of every device's generator and counter (a copy)."""
         out = {k: v.clone() for k, v in self._pending.items()}
         out.update({k: g.get_state() for k, g in self._gens.items()})
         out.update({_COUNTER + k: t.detach().cpu().clone() for k, t in self._offsets.items()})
         return out
 
-    def restore(self, snap: dict) -> None:
+    def _restore(self, snap: dict) -> None:
         """Puts generators and counters back to `snap`, in place (compiled code holds the objects)."""
         self._pending = {k: v for k, v in snap.items() if k not in self._gens and k[len(_COUNTER):] not in self._offsets}
         for key, gen in self._gens.items():
@@ -200,7 +181,7 @@ def dropout(x: torch.Tensor, p: float, stream=None) -> torch.Tensor:
         return F.dropout(x, p, training=True)
 
 
-class CallCounter:
+class CallCounter(Replayable):
     """Counts calls; the TP-invariant dropout masks are keyed by it."""
 
     def __init__(self, seed: int, name: str = "invariant_dropout"):
@@ -210,14 +191,14 @@ class CallCounter:
         self._replaying = False
 
     def next(self) -> int:
-        _check_not_recomputing(self)
+        self._draw()
         self.count += 1
         return self.count - 1
 
-    def snapshot(self):
+    def _snapshot(self):
         return self.count
 
-    def restore(self, snap) -> None:
+    def _restore(self, snap) -> None:
         self.count = snap
 
     def state_dict(self) -> dict:
@@ -246,13 +227,17 @@ def generators(module: torch.nn.Module, device) -> list:
     return [s.generator(device) for s in collect_streams(module) if isinstance(s, RNGStream)]
 
 
-def checkpoint(function, *args, streams, **kwargs):
-    """`torch.utils.checkpoint` that replays dist_mha RNG streams on recompute.
+def checkpoint(function, *args, streams=(), **kwargs):
+    """`torch.utils.checkpoint` (non-reentrant) that replays dist_mha RNG streams on recompute.
+
+    Plain `torch.utils.checkpoint(..., use_reentrant=False)` replays every
+    stream by itself (see `dist_mha.rng.replay.Replayable`); this wrapper replays `streams`
+    explicitly from snapshots taken at the region's start.
 
     Args:
         function: the function to checkpoint.
         *args: its arguments.
-        streams: the streams it uses, e.g. `collect_streams(block)`.
+        streams: the streams it uses, e.g. `collect_streams(block)` (others are replayed automatically).
         **kwargs: passed to `torch.utils.checkpoint.checkpoint`.
 
     Example:
@@ -268,6 +253,8 @@ def checkpoint(function, *args, streams, **kwargs):
 
     @contextlib.contextmanager
     def recompute_ctx():
+        for s in streams:
+            s._settle()  # a recomputation of another region may have left it replaying
         after = {id(s): s.snapshot() for s in streams}
         for s in streams:
             s.restore(snaps[id(s)])

@@ -24,6 +24,7 @@ import torch
 from dist_mha.layers.multi_head_attention import MultiHeadAttention
 from dist_mha.parallel.cp import layout as context
 from dist_mha.parallel.groups import size_of
+from dist_mha.parallel.mesh import axis_arg, is_mesh
 from dist_mha.parallel.tp import sharding
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -58,7 +59,7 @@ def compare_with_reference(
     """Runs on every rank of `group` (and `cp_group`): the parallel layer vs a reference; returns max errors.
 
     Args:
-        group: the TP process group (every rank of it must call this).
+        group: the TP process group, or a 1-D DeviceMesh (DTensor parameters; every rank of it must call this).
         layer_kwargs: `MultiHeadAttention` constructor arguments.
         query_shape, value_shape, key_shape: full input shapes (value None:
             self-attention on the query tensor).
@@ -77,14 +78,17 @@ def compare_with_reference(
         `{"max_abs_error": {"output", "input_grads", "weight_grads"}, "backend": name}`.
     """
     call_kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in (call_kwargs or {}).items()}
+    tp_arg, cp_arg = group, cp_group  # the layer takes them as given: DeviceMesh axes make DTensor parameters
+    group, cp_group = axis_arg("group", group)[0], axis_arg("cp_group", cp_group)[0]
+    use_mesh = is_mesh(tp_arg) or is_mesh(cp_arg)
     torch.manual_seed(seed)
     v_shape = value_shape or query_shape
     layer_cls = layer_cls or MultiHeadAttention
     ref = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
                              dtype=dtype, device=device)
-    extra = {} if cp_group is None else {"cp_group": cp_group, "cp_mode": cp_mode}
+    extra = {} if cp_group is None else {"cp_group": cp_arg, "cp_mode": cp_mode}
     tp = layer_cls(**layer_kwargs, query_shape=query_shape, value_shape=v_shape, key_shape=key_shape,
-                   dtype=dtype, device=device, tp_group=group, sequence_parallel=sequence_parallel, **extra)
+                   dtype=dtype, device=device, tp_group=tp_arg, sequence_parallel=sequence_parallel, **extra)
     tp.set_weights(ref.get_weights())
     q, v, k = _inputs((query_shape, value_shape, key_shape), dtype, device, seed)
     distinct = [x for i, x in enumerate((q, v, k)) if x is not None and all(x is not y for y in (q, v, k)[:i])]
@@ -114,9 +118,16 @@ def compare_with_reference(
     errors = {"output": err(tp_out.detach(), local(ref_out).detach())}
     errors["input_grads"] = max(err(t.grad, local(r.grad)) for t, r in zip(tp_leaves, ref_leaves))
     w_errs = []
+    local_grads = {}
+    if use_mesh:
+        from dist_mha.parallel.dtensor import local_grads as dtensor_local_grads
+
+        local_grads = dtensor_local_grads(tp)
     for w_tp, w_ref in zip(tp._keras_weights(), ref._keras_weights()):
-        grad = w_tp.param.grad
-        if cp_group is not None:
+        grad = local_grads.get(id(w_tp.param), w_tp.param.grad)
+        if use_mesh and cp_group is not None:
+            grad = grad * size_of(cp_group)  # DTensor gradients average over CP; the reference sums the tokens
+        elif cp_group is not None:
             grad = grad.clone()
             torch.distributed.all_reduce(grad, group=cp_group)
         w_errs.append(err(grad, sharding.own_slice(w_ref.param.grad, w_tp.dim, group, w_tp.replicas)))

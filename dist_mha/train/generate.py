@@ -29,8 +29,12 @@ from dist_mha.train.distributed import init_distributed
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def load_model(run_dir: Path, tp_group, device) -> tuple[DecoderLM, object, object]:
-    """`(model in eval mode, data source, saved config)` from a run directory's config and newest checkpoint."""
+def load_model(run_dir: Path, tp_group, device, tp_mesh=None) -> tuple[DecoderLM, object, object]:
+    """`(model in eval mode, data source, saved config)` from a run directory's config and newest checkpoint.
+
+    DCP checkpoints (`dcp_checkpoints/`) load into a model on `tp_mesh` (DTensor parameters; needed when
+    the TP group has several ranks), per-rank shards (`checkpoints/`) into one on `tp_group`.
+    """
     from omegaconf import OmegaConf
 
     cfg_file = run_dir / ".hydra" / "config.yaml"
@@ -40,21 +44,33 @@ def load_model(run_dir: Path, tp_group, device) -> tuple[DecoderLM, object, obje
     cfg = OmegaConf.load(cfg_file)
     data = make_data(cfg.data, cfg.train.seed)
     m = cfg.model
+    kind = _checkpoint_kind(run_dir)
+    axis = (tp_mesh if tp_mesh is not None else tp_group) if kind == "dcp" else tp_group
     model = DecoderLM(data.vocab_size, data.seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio,
-                      num_kv_heads=m.get("num_kv_heads"), tp_group=tp_group, seed=cfg.train.seed, device=device,
+                      num_kv_heads=m.get("num_kv_heads"), tp_group=axis, seed=cfg.train.seed, device=device,
                       dtype=_DTYPES[cfg.train.dtype])
-    ckpt = newest_intact_step(run_dir)
-    model.load_state_dict(checkpointing.load_model_state(ckpt, tp_group))
+    ckpt = newest_intact_step(run_dir, kind)
+    if kind == "dcp":
+        from dist_mha.checkpoint import dcp
+
+        dcp.load(ckpt, model)
+    else:
+        model.load_state_dict(checkpointing.load_model_state(ckpt, tp_group))
     return model.eval(), data, cfg
 
 
-def newest_intact_step(run_dir: Path) -> Path:
+def _checkpoint_kind(run_dir: Path) -> str:
+    """"dcp" when the run wrote DCP checkpoints (`train.checkpoint_format=dcp`), else "tp" (per-rank shards)."""
+    return "dcp" if run_dirs.steps(Path(run_dir) / run_dirs.ROOTS["dcp"]) else "tp"
+
+
+def newest_intact_step(run_dir: Path, kind: str | None = None) -> Path:
     """The newest checkpoint step that verifies (read-only: unlike a resume, nothing is set aside).
 
     Raises:
         FileNotFoundError: when the run dir holds no intact step (each one's problems listed).
     """
-    root = run_dir / run_dirs.ROOTS["tp"]
+    root = run_dir / run_dirs.ROOTS[kind or _checkpoint_kind(run_dir)]
     problems = []
     for _, step_dir in run_dirs.steps(root):
         bad = run_dirs.verify_step(step_dir)
@@ -108,7 +124,8 @@ def main(argv=None) -> dict:
     info = init_distributed(args.device)
     state = build_parallel_state(info.world_size)  # every rank is one TP rank of the same model
     torch.manual_seed(0)
-    model, data, cfg = load_model(args.run_dir, state.tp_group, info.device)
+    model, data, cfg = load_model(args.run_dir, state.tp_group, info.device,
+                                  state.mesh["tp"] if state.mesh is not None else None)
     if isinstance(data, AssociativeRecall):
         result = recall_accuracy(model, data, args.batches, args.batch_size, info.device)
     else:

@@ -33,8 +33,10 @@ def read_config(path) -> dict:
     return json.loads(f.read_text())
 
 
-def build(cfg, data, state, device, dtype, run_dir: Path, is_main: bool):
+def build(cfg, data, state, device, dtype, run_dir: Path, is_main: bool, tp_axis=None, cp_axis=None):
     """`from_hf(model.path)` at the run's layout, after checking the data fits its vocabulary.
+
+    `tp_axis`, `cp_axis`: the TP and CP process groups or mesh axes the app chose (default: the state's groups).
 
     Raises:
         ValueError: when the data's token ids do not fit the checkpoint's vocabulary
@@ -47,7 +49,9 @@ def build(cfg, data, state, device, dtype, run_dir: Path, is_main: bool):
                          f"{cfg.model.path} has vocab_size={vocab}: every id must be < vocab_size. Pick a data "
                          "source whose vocabulary fits (data=recall with fewer keys/values), or a larger model.")
     cp = int(cfg.parallel.get("cp", 1))
-    model = from_hf(cfg.model.path, tp_group=state.tp_group, cp_group=state.cp_group if cp > 1 else None,
+    tp_axis = state.tp_group if tp_axis is None else tp_axis
+    cp_axis = (state.cp_group if cp > 1 else None) if cp_axis is None else cp_axis
+    model = from_hf(cfg.model.path, tp_group=tp_axis, cp_group=cp_axis,
                     cp_mode=cfg.parallel.get("cp_mode", "ring"),
                     sequence_parallel=bool(cfg.parallel.sequence_parallel), dtype=dtype, device=device)
     if is_main:

@@ -25,7 +25,7 @@ from dist_mha.models.decoder import DecoderLM
 from dist_mha.parallel import MPU, build_parallel_state
 from dist_mha.parallel.tp.grads import clip_grad_norm_
 from dist_mha.rng.streams import collect_streams
-from dist_mha.train import checkpointing
+from dist_mha.train import checkpointing, fsdp
 from dist_mha.train.batches import loss_share, step_batch, sum_grads
 from dist_mha.train.data import make_data
 from dist_mha.train.distributed import group_timeouts, init_distributed, set_group_timeouts, shutdown
@@ -101,7 +101,7 @@ def train(cfg, run_dir, on_start=None) -> dict:
             raise ValueError("parallel.cp > 1 runs with launcher=torchrun: DeepSpeed averages gradients over its data-"
                              "parallel group, which would have to span DP x CP. Drop launcher=deepspeed or set parallel.cp=1.")
         data = make_data(cfg.data, cfg.train.seed)
-        kind = "deepspeed" if cfg.launcher.name == "deepspeed" else "tp"
+        kind = fsdp.checkpoint_kind(cfg)
         run_config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
                       "data": {"name": cfg.data.name, "vocab_size": data.vocab_size, "seq_len": data.seq_len}}
 
@@ -166,19 +166,28 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
                              "so that 2*cp divides it.")
     dtype = _DTYPES[cfg.train.dtype]
     m = cfg.model
-    cp_args = {"cp_group": state.cp_group, "cp_mode": cfg.parallel.get("cp_mode", "ring")} if cp > 1 else {}
+    mode = cfg.parallel.get("dp_mode", "ddp")
+    on_mesh = kind == "dcp"  # DTensor parameters on state.mesh (fsdp2 always writes dcp)
+    tp_axis = state.mesh["tp"] if on_mesh and state.mesh is not None else state.tp_group
+    cp_axis = (state.mesh["cp"] if on_mesh and state.mesh is not None else state.cp_group) if cp > 1 else None
+    cp_args = {"cp_group": cp_axis, "cp_mode": cfg.parallel.get("cp_mode", "ring")} if cp > 1 else {}
     if m.get("name") == "hf":  # a local Hugging Face checkpoint (configs/model/hf.yaml)
         from dist_mha.train import hf_model
 
-        model = hf_model.build(cfg, data, state, info.device, dtype, run_dir, info.is_main)
+        model = hf_model.build(cfg, data, state, info.device, dtype, run_dir, info.is_main, tp_axis, cp_axis)
     else:
         model = DecoderLM(data.vocab_size, seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio, m.dropout,
-                          m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=state.tp_group,
+                          m.attention_dropout, num_kv_heads=m.get("num_kv_heads"), tp_group=tp_axis,
                           sequence_parallel=cfg.parallel.sequence_parallel, **cp_args,
                           dropout_mode=m.dropout_mode, seed=cfg.train.seed, device=info.device, dtype=dtype)
+    if cfg.parallel.get("activation_checkpointing"):
+        fsdp.checkpoint_blocks(model)
+    if mode == "fsdp2" and state.mesh is not None:  # one process: nothing to shard; DCP checkpoints all the same
+        fsdp.shard(model, state, cfg.parallel.get("fsdp"))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    manifest = {"config": run_config, "tp": tp, "cp": cp, "dp": dp, "world": info.world_size}
+    manifest = {"config": run_config, "tp": tp, "cp": cp, "dp": dp, "world": info.world_size,
+                "dp_mode": mode}
 
     step = plan.step
     metrics_path = run_dir / "metrics.jsonl"
@@ -189,6 +198,13 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
             checkpointing.restart_own_streams(model, own_seeds, step)
         if info.is_main:
             log.info("resumed from %s at step %d (saved at tp=%d, now tp=%d)", plan.resume_dir, step, meta["tp"], tp)
+    if plan.resume_dir is not None and kind == "dcp":
+        from dist_mha.train import dcp_checkpoints
+
+        meta = dcp_checkpoints.resume(plan.resume_dir, model, opt, state)
+        if info.is_main:
+            log.info("resumed from %s at step %d (saved at dp=%s tp=%s cp=%s, now dp=%d tp=%d cp=%d)", plan.resume_dir,
+                     step, meta.get("dp"), meta.get("tp"), meta.get("cp"), dp, tp, cp)
     engine = None
     if kind == "deepspeed":
         import deepspeed
@@ -211,8 +227,10 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
         dropped = _truncate_metrics(metrics_path, step)
         if dropped:
             log.warning("dropped %d metrics rows after step %d: those steps run again", dropped, step)
-        n_params = sum(p.numel() for p in params)
-        engine_name = f"DeepSpeed ZeRO-{int(cfg.launcher.zero_stage)}" if engine is not None else "PyTorch"
+        n_params = fsdp.local_numel(params)
+        engine_name = (f"DeepSpeed ZeRO-{int(cfg.launcher.zero_stage)}" if engine is not None else
+                       "PyTorch FSDP2, DCP checkpoints" if mode == "fsdp2" else
+                       "PyTorch, DCP checkpoints" if kind == "dcp" else "PyTorch")
         log.info("run dir %s | world %d = tp %d x cp %d x dp %d | %s | %d local parameters | launched by %s | %s | "
                  "%d threads", run_dir, info.world_size, tp, cp, dp, info.device, n_params,
                  describe_launch(info.world_size), engine_name, torch.get_num_threads())
@@ -231,6 +249,14 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
         if engine is not None:
             engine.backward(loss)
             engine.step()
+        elif on_mesh:
+            opt.zero_grad(set_to_none=True)
+            (loss * (dp * cp)).backward()  # FSDP (or reduce_mesh_grads) averages over DP, DTensor over CP
+            if mode == "ddp":
+                fsdp.reduce_mesh_grads(params, state)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)  # DTensor gradients: the global norm
+            opt.step()
         else:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -264,6 +290,12 @@ def _run(cfg, info, run_dir: Path, plan, data, kind: str, run_config: dict, tp: 
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             if engine is not None:
                 checkpointing.save_deepspeed(engine, run_dir, step, manifest)
+            elif kind == "dcp":
+                from dist_mha.train import dcp_checkpoints
+
+                meta = {"step": step, "tp": tp, "cp": cp, "dp": dp}
+                dcp_checkpoints.save(run_dir, step, model, opt, meta, manifest=manifest,
+                                     after_shard=inject(cfg, info, step, "save"))
             else:
                 meta = {"step": step, "tp": tp, "dp": dp, "torch_rng": torch.get_rng_state()}
                 # One writer per TP rank: DP rank 0 of CP rank 0 (the model is replicated over DP x CP).

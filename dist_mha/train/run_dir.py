@@ -1,7 +1,7 @@
 """What a run directory holds, and which of its checkpoints a run may resume from.
 
-Layout of a checkpoint root (`checkpoints/`, or `deepspeed_checkpoints/` for
-DeepSpeed runs)::
+Layout of a checkpoint root (`checkpoints/`, `deepspeed_checkpoints/` for
+DeepSpeed runs, or `dcp_checkpoints/` for `train.checkpoint_format=dcp`)::
 
     .step_00000020.partial/   a step being written; left only by a crash, removed at the next start
     step_00000010/            a complete step: its files, then manifest.json, written last by rank 0
@@ -31,7 +31,7 @@ from dist_mha.checkpoint.shards import DIGEST_SUFFIX, CheckpointError, find_tp_s
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_mha.step/1"
-ROOTS = {"tp": "checkpoints", "deepspeed": "deepspeed_checkpoints"}
+ROOTS = {"tp": "checkpoints", "deepspeed": "deepspeed_checkpoints", "dcp": "dcp_checkpoints"}
 _STEP = re.compile(r"step_(\d{8})")
 _TMP = re.compile(r".+\.tmp\d+")
 

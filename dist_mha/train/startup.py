@@ -86,12 +86,12 @@ def plan_start(run_dir: Path, *, resume: bool, kind: str, run_config: dict, tp: 
         notes += clean(run_dir / name)
     if not resume:
         return Plan(None, 0, notes)
-    other = "deepspeed" if kind == "tp" else "tp"
-    if steps(run_dir / ROOTS[other]):
-        launcher = "launcher=deepspeed" if other == "deepspeed" else "a launcher other than deepspeed"
+    writers = {"deepspeed": "launcher=deepspeed", "tp": "train.checkpoint_format=shards (without deepspeed)",
+               "dcp": "train.checkpoint_format=dcp (without deepspeed)"}
+    for other in (k for k in ROOTS if k != kind and steps(run_dir / ROOTS[k])):
         raise ValueError(
-            f"Run dir {run_dir} holds checkpoints in {ROOTS[other]}/, written by {launcher}; this run cannot resume "
-            f"them. Resume with {launcher}, or start in another directory (hydra.run.dir=...).")
+            f"Run dir {run_dir} holds checkpoints in {ROOTS[other]}/, written with {writers[other]}; this run "
+            f"cannot resume them. Resume with {writers[other]}, or start in another directory (hydra.run.dir=...).")
     step_dir, manifest, more = find_resume(run_dir / ROOTS[kind])
     notes += more
     if step_dir is None:

@@ -20,21 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_mha.parallel import region
+from dist_mha.parallel import mesh, region
 from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
 from dist_mha.parallel.groups import rank_of, size_of
-from dist_mha.parallel.tp import reshard
+from dist_mha.parallel.tp import placement, reshard
 from dist_mha.parallel.tp.grads import mark_sharded
 from dist_mha.rng import counter
+
+
+def _distribute(module, tp_mesh, cp_mesh) -> None:
+    if tp_mesh is not None or cp_mesh is not None:
+        from dist_mha.parallel.dtensor import distribute
+
+        distribute(module, tp_mesh, cp_mesh)
 
 
 class _ParallelLinear(nn.Module):
     shard_dim = 0  # of the weight
 
     def __init__(self, in_features, out_features, *, bias=True, tp_group=None, sequence_parallel=False,
-                 device=None, dtype=None, salt=0, init_base=None):
+                 device=None, dtype=None, salt=0, init_base=None, cp_group=None):
         super().__init__()
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel
@@ -57,6 +67,9 @@ class _ParallelLinear(nn.Module):
         bias_local = out_features // self.tp_size if self.shard_dim == 0 else out_features
         self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=self.weight.dtype)) if bias else None
         mark_sharded(self.weight, self.bias if self.shard_dim == 0 else None)
+        placement.declare(self, "weight", placement.shard(self.shard_dim, units))
+        placement.declare(self, "bias", placement.shard(0, units) if self.shard_dim == 0 else placement.replicate())
+        _distribute(self, tp_mesh, cp_mesh)
 
     def get_extra_state(self):
         bias_dim = 0 if self.shard_dim == 0 else None
@@ -75,13 +88,15 @@ class ColumnParallelLinear(_ParallelLinear):
     Args:
         in_features, out_features: global sizes.
         bias: whether each rank adds its slice of the bias.
-        tp_group: process group, or None.
+        tp_group: process group, a 1-D DeviceMesh (DTensor parameters), or None.
         sequence_parallel: the input is sharded on dim 1 and gathered here.
         device, dtype: of the parameters.
         salt: tells apart the weights that share `init_base`.
         init_base: the seed of the initial weights, equal on every rank that
             replicates the model (a block passes the one it agreed over TP x CP);
             None: `agreed_random_base(tp_group)`, rank 0's draw from torch's RNG.
+        cp_group: with meshes, the CP axis: parameters are replicated over it
+            (gradients averaged); process groups: unused.
     """
 
     shard_dim = 0
@@ -113,10 +128,16 @@ class ParallelLayerNorm(nn.LayerNorm):
     partial; entering the parameters through `copy_to_tp` sums them.
     """
 
-    def __init__(self, normalized_shape, *, tp_group=None, sequence_parallel=False, **kwargs):
+    def __init__(self, normalized_shape, *, tp_group=None, sequence_parallel=False, cp_group=None, **kwargs):
         super().__init__(normalized_shape, **kwargs)
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
+        # Replicated; under SP `copy_to_tp` in the forward sums the rows' partial gradients.
+        placement.declare(self, "weight", placement.replicate())
+        placement.declare(self, "bias", placement.replicate())
+        _distribute(self, tp_mesh, mesh.axis_arg("cp_group", cp_group)[1])
 
     def forward(self, x):
         if not self.sequence_parallel:

@@ -101,8 +101,12 @@ def own_slice(full: torch.Tensor, shard_dim, group, replicas: int = 1) -> torch.
 
 
 def sync_replicas(group, replicas: int, *params):
-    """`params` as used in a forward pass: their gradients are summed across replicas (identity at 1)."""
-    if replicas <= 1 or size_of(group) == 1:
+    """`params` as used in a forward pass: their gradients are summed across replicas (identity at 1).
+
+    Local views of DTensor parameters (`dist_mha.parallel.dtensor`) pass
+    through: their DTensor gradient already sums the replicas over TP.
+    """
+    if replicas <= 1 or size_of(group) == 1 or getattr(params[0], "_dist_mha_dtensor_grad", False):
         return params if len(params) > 1 else params[0]
     return copy_to_kv_replicas(group, replicas, *params)
 
