@@ -254,6 +254,13 @@ def layer_parity(ctx):
                                        (2, 8, 12), layer_cls=GroupQueryAttention, cp_group=cp_mesh,
                                        call_kwargs=dict(use_causal_mask=True))
             errors[f"gqa_kv{nkv}"] = max(r["max_abs_error"].values())
+        # Issue 17's weights on a mesh: QK-norm scales (replicated) and sinks (sharded with the heads).
+        r = compare_with_reference(st.mesh["tp"], dict(head_dim=4, num_query_heads=4, num_key_value_heads=2,
+                                                       rope={"rope_type": "default"}, qk_norm="rms",
+                                                       attention_sinks=True),
+                                   (2, 8, 12), layer_cls=GroupQueryAttention, cp_group=cp_mesh,
+                                   call_kwargs=dict(use_causal_mask=True))
+        errors["rope_qk_norm_sinks"] = max(r["max_abs_error"].values())
         report[f"tp{tp}" + (f"cp{cp}" if cp > 1 else "")] = errors
     return report
 

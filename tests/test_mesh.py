@@ -24,7 +24,8 @@ def test_layers_on_mesh_axes_match_one_device(rank_pool):
     # Every TP case of the process-group suite, GQA with split and replicated key/value heads, and TP x CP.
     for report in rank_pool.run(mesh_tasks.layer_parity):
         assert set(report) == {"tp2", "tp4", "tp2cp2", "tp1cp2"}
-        assert len(report["tp2"]) == 20  # every case of the process-group suite, and GQA with 1, 2, 4 heads
+        # Every case of the process-group suite, GQA with 1, 2, 4 heads, and RoPE + QK-norm + sinks.
+        assert len(report["tp2"]) == 21 and "rope_qk_norm_sinks" in report["tp1cp2"]
         for layout, errors in report.items():
             assert len(errors) >= 7, layout
             assert max(errors.values()) < 1e-12, (layout, errors)

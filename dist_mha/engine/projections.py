@@ -172,6 +172,7 @@ class NormWeight(nn.Module):
     def __init__(self, key_dim: int, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(key_dim, dtype=dtype, device=device))
+        placement.declare(self, "weight", placement.replicate())  # the forward enters it through copy_to_tp
 
     def extra_repr(self) -> str:
         return f"key_dim={self.weight.shape[0]}"
@@ -190,3 +191,4 @@ def build_extras(layer) -> None:
         h0, h1 = sharding.head_range(layer._num_heads, layer.tp_group)
         layer.sinks = nn.Parameter(torch.zeros(h1 - h0, dtype=layer._param_dtype, device=layer._device))
         mark_sharded(layer.sinks, tp_size=layer.tp_size)
+        placement.declare(layer, "sinks", placement.shard(0, layer._num_heads))
