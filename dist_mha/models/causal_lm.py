@@ -27,6 +27,7 @@ from dist_mha.layers.group_query_attention import GroupQueryAttention
 from dist_mha.models.decoder_layer import DecoderLayer
 from dist_mha.models.mlp import GatedMLP
 from dist_mha.models.norms import RMSNorm
+from dist_mha.parallel import mesh
 from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.groups import size_of
 from dist_mha.parallel.tp.vocab import VocabParallelEmbedding, VocabParallelHead, vocab_logits
@@ -91,13 +92,15 @@ class CausalLM(nn.Module):
 
     Args:
         config: a `CausalLMConfig`.
-        tp_group, sequence_parallel: tensor (and sequence) parallelism.
+        tp_group, sequence_parallel: tensor (and sequence) parallelism: a process
+            group, or a 1-D DeviceMesh (`state.mesh["tp"]`) for DTensor parameters.
         cp_group, cp_mode: context parallelism ("ring" or "ulysses"): `tokens`
-            is this rank's part of each row (`shard_sequence`), and so are the logits.
+            is this rank's part of each row (`shard_sequence`), and so are the logits;
+            `cp_group` is a mesh axis too when `tp_group` is (`state.mesh["cp"]`).
         seed: seeds dropout streams (None: agreed from torch's global RNG).
         device, dtype: of the parameters.
-        initialize: draw initial weights (False: zeros for the attention projections and
-            the tables, for a caller that overwrites every weight, as `from_hf` does).
+        initialize: draw initial weights (False: zeros for the projections, MLPs and
+            tables, for a caller that overwrites every weight, as `from_hf` does).
 
     Call arguments:
         tokens: int64 `(B, T)`.
@@ -126,24 +129,40 @@ class CausalLM(nn.Module):
         super().__init__()
         c = self.config = config
         self._initialize = initialize
+        mesh.check_axes(tp_group, cp_group)
+        # The parts take the arguments as given (meshes make DTensor parameters); collectives use the groups.
+        tp_arg, cp_arg = tp_group, cp_group
+        tp_group, self._tp_mesh = mesh.axis_arg("tp_group", tp_arg)
+        cp_group, self._cp_mesh = mesh.axis_arg("cp_group", cp_arg)
         self.tp_group, self.cp_group = tp_group, cp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = c.max_positions  # DecoderCache's bound
         base = agreed_random_base(tp_group, cp_group)
         seed = base if seed is None else seed
-        par = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        tables = dict(init_base=base, initialize=initialize, **par)
+        par = dict(tp_group=tp_arg, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        parts = dict(par, cp_group=cp_arg)  # norms, MLPs and tables: a CP mesh axis replicates their weights
+        tables = dict(init_base=base, initialize=initialize, **parts)
         self.embed = VocabParallelEmbedding(c.vocab_size, c.hidden_size, salt=1, **tables)
         windows = tuple(c.windows) or (None,) * c.num_layers
-        self.blocks = nn.ModuleList(self._layer(i, windows[i], seed, base, par, cp_group, cp_mode)
+        self.blocks = nn.ModuleList(self._layer(i, windows[i], seed, base, par, parts, cp_arg, cp_mode)
                                     for i in range(c.num_layers))
-        self.norm = self._norm(par)
+        self.norm = self._norm(parts)
         self.head = None if c.tie_embeddings else VocabParallelHead(c.vocab_size, c.hidden_size, salt=2, **tables)
+        self._distribute(self)  # the root's hook swaps the tables and the final norm (and all, without FSDP)
 
-    def _norm(self, par):
-        return RMSNorm(self.config.hidden_size, self.config.norm_eps, unit_offset=self.config.norm_unit_offset, **par)
+    def _distribute(self, module):
+        """`dtensor.distribute` on mesh axes (a hook per module: FSDP2 shards each block and the root apart)."""
+        if self._tp_mesh is not None or self._cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
 
-    def _layer(self, i, window, seed, base, par, cp_group, cp_mode):
+            distribute(module, self._tp_mesh, self._cp_mesh)
+        return module
+
+    def _norm(self, parts):
+        return RMSNorm(self.config.hidden_size, self.config.norm_eps, unit_offset=self.config.norm_unit_offset,
+                       **parts)
+
+    def _layer(self, i, window, seed, base, par, parts, cp_group, cp_mode):
         c = self.config
         extras = {k: v for k, v in (("rope", c.rope), ("qk_norm", "rms" if c.qk_norm else None),
                                     ("logit_softcap", c.attn_softcap), ("scale", c.scale)) if v is not None}
@@ -159,9 +178,10 @@ class CausalLM(nn.Module):
                                         use_bias=c.attention_bias, sliding_window=window, seed=seed + 1000 * (i + 1),
                                         query_shape=c.hidden_size, **par, **extras)
         mlp = GatedMLP(c.hidden_size, c.intermediate_size, activation=c.activation, bias=c.mlp_bias,
-                       init_base=counter.mix64(base, 100 + i), **par)
-        sandwich = dict(attn_out_norm=self._norm(par), mlp_out_norm=self._norm(par)) if c.sandwich_norms else {}
-        return DecoderLayer(attention, mlp, attn_norm=self._norm(par), mlp_norm=self._norm(par), **sandwich)
+                       init_base=counter.mix64(base, 100 + i), initialize=self._initialize, **parts)
+        sandwich = dict(attn_out_norm=self._norm(parts), mlp_out_norm=self._norm(parts)) if c.sandwich_norms else {}
+        layer = DecoderLayer(attention, mlp, attn_norm=self._norm(parts), mlp_norm=self._norm(parts), **sandwich)
+        return self._distribute(layer)
 
     def init_cache(self, batch_size: int, max_length: int | None = None):
         """An empty `DecoderCache` (one KV cache per layer, this rank's key/value heads)."""

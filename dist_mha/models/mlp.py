@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mha.parallel import mesh
 from dist_mha.parallel.collectives import copy_to_tp, gather_from_sp
 from dist_mha.parallel.groups import size_of
 from dist_mha.parallel.tp.linear import ColumnParallelLinear, RowParallelLinear
@@ -36,8 +37,11 @@ class GatedMLP(nn.Module):
         hidden_dim: I (divisible by the TP size).
         activation: a name in `ACTIVATIONS` (Hugging Face's `hidden_act` names).
         bias: biases on all three projections (Llama's `mlp_bias`).
-        tp_group, sequence_parallel: as in `ColumnParallelLinear`.
+        tp_group, sequence_parallel: as in `ColumnParallelLinear` (a 1-D DeviceMesh
+            makes the weights DTensors: gate/up `Shard(0)`, down `Shard(1)`).
+        cp_group: with a mesh, the CP axis (weights replicated over it, gradients averaged).
         init_base: seed of the initial weights (equal on every rank of a replica).
+        initialize: False leaves the weights zero, for a caller that fills them.
         device, dtype: of the parameters.
 
     Call arguments:
@@ -56,19 +60,30 @@ class GatedMLP(nn.Module):
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, *, activation: str = "silu", bias: bool = False,
-                 tp_group=None, sequence_parallel: bool = False, init_base=None, device=None, dtype=None):
+                 tp_group=None, sequence_parallel: bool = False, cp_group=None, init_base=None, initialize=True,
+                 device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"Received an invalid value for argument `activation`, expected one of "
                              f"{sorted(ACTIVATIONS)}. Received: activation={activation!r}")
         self.activation = activation
+        mesh.check_axes(tp_group, cp_group)
+        # The projections take the arguments as given (meshes make DTensor weights); collectives use the group.
+        lin = dict(bias=bias, tp_group=tp_group, sequence_parallel=sequence_parallel, init_base=init_base,
+                   cp_group=cp_group, initialize=initialize, device=device, dtype=dtype)
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
-        lin = dict(bias=bias, tp_group=tp_group, sequence_parallel=sequence_parallel, init_base=init_base,
-                   device=device, dtype=dtype)
         self.gate = ColumnParallelLinear(embed_dim, hidden_dim, salt=11, **lin)
         self.up = ColumnParallelLinear(embed_dim, hidden_dim, salt=12, **lin)
         self.down = RowParallelLinear(hidden_dim, embed_dim, salt=13, **lin)
+        if tp_mesh is not None or cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            # The forward reads gate/up weights itself (not through their forwards, whose hooks would
+            # swap them): this hook puts their local tensors in place for the call.
+            distribute(self, tp_mesh, cp_mesh)
 
     def forward(self, x):
         if size_of(self.tp_group) > 1:

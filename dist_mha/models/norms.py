@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_mha.parallel import mesh
 from dist_mha.parallel.collectives import copy_to_tp
 from dist_mha.parallel.groups import size_of
+from dist_mha.parallel.tp import placement
 
 
 class RMSNorm(nn.Module):
@@ -28,7 +30,10 @@ class RMSNorm(nn.Module):
         unit_offset: scale by `1 + weight` (Gemma) instead of `weight`.
         tp_group, sequence_parallel: under sequence parallelism each rank
             normalises its own rows, so the weight's gradient is partial per
-            rank; entering the weight through `copy_to_tp` sums it.
+            rank; entering the weight through `copy_to_tp` sums it. A 1-D
+            DeviceMesh makes the weight a (replicated) DTensor.
+        cp_group: with a mesh, the CP axis (the weight is replicated over it,
+            gradients averaged); a process group is not used.
         device, dtype: of the weight.
 
     Call arguments:
@@ -44,13 +49,23 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False, tp_group=None,
-                 sequence_parallel: bool = False, device=None, dtype=None):
+                 sequence_parallel: bool = False, cp_group=None, device=None, dtype=None):
         super().__init__()
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
         init = torch.zeros if unit_offset else torch.ones
         self.weight = nn.Parameter(init(dim, device=device, dtype=dtype))
         self.eps, self.unit_offset = float(eps), bool(unit_offset)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
+        # Replicated: without SP every rank's gradient is already the full one; under SP the forward's
+        # `copy_to_tp` sums the rows' partial gradients, so it is not `partial_grad` either way.
+        placement.declare(self, "weight", placement.replicate())
+        if tp_mesh is not None or cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, tp_mesh, cp_mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = copy_to_tp(self.tp_group, self.weight) if self.sequence_parallel else self.weight

@@ -1,7 +1,8 @@
 """`to_hf`: a `CausalLM` back to a checkpoint that `transformers` loads.
 
 Every rank calls it: each weight is gathered over the TP group (one
-collective per tensor, in a fixed order), and global rank 0 writes
+collective per tensor, in a fixed order; DTensor parameters of a mesh model,
+FSDP-sharded or not, are gathered with `full_tensor()`), and global rank 0 writes
 `config.json` and `model.safetensors`, each atomically (a temporary file,
 fsynced and renamed), so a reader never sees half a checkpoint. The other
 ranks wait at a barrier until the files are in place.
@@ -10,6 +11,7 @@ ranks wait at a barrier until the files are in place.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from dist_mha.checkpoint.atomic_io import atomic_write
 from dist_mha.models.hf import config as hf_config
 from dist_mha.models.hf import weights
 
+_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)\.")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                 torch.float16: "float16"}
 
@@ -28,13 +31,19 @@ def _is_rank0() -> bool:
 
 
 def hf_state_dict(model) -> dict:
-    """The model's weights under their Hugging Face names, full (gathered over TP): a collective."""
+    """The model's weights under their Hugging Face names, full (gathered over TP, and DP under FSDP): a collective."""
+    from torch.distributed.tensor import DTensor
+
     cfg, group = model.config, model.tp_group
-    params = dict(model.named_parameters())
+    # FSDP2 and activation checkpointing keep the parameter names; wrappers would prefix them.
+    params = {_WRAPPERS.sub("", n): p for n, p in model.named_parameters()}
     out = {}
     with torch.no_grad():
         for rule in weights.rules(cfg):
-            full = weights.full_ours(rule, params[rule.ours].detach(), group)
+            p = params[rule.ours].detach()
+            # A DTensor holds its global shape: full_tensor() is the whole parameter (each replicated
+            # key/value head once), the same tensor the process-group gather below gives.
+            full = p.full_tensor() if isinstance(p, DTensor) else weights.full_ours(rule, p, group)
             out[rule.hf] = weights.to_hf_layout(rule, full).cpu()
     return out
 

@@ -10,6 +10,7 @@ holds a whole weight it does not keep (the largest transient is one slice;
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from dist_mha.models.causal_lm import CausalLM
 from dist_mha.models.hf import config as hf_config
 from dist_mha.models.hf import weights
+from dist_mha.parallel import mesh
 from dist_mha.parallel.groups import size_of
 from dist_mha.parallel.tp.sharding import valid_tp_sizes
 
@@ -153,8 +155,11 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
         src: a local checkpoint directory (`config.json` plus `*.safetensors`,
             sharded with an index or not), or a `transformers` `PreTrainedModel`.
         tp_group: tensor parallelism: this rank reads and keeps its heads, MLP
-            features and vocabulary rows only.
-        cp_group, cp_mode: context parallelism ("ring" or "ulysses").
+            features and vocabulary rows only. A process group, or a 1-D
+            DeviceMesh (`state.mesh["tp"]`): then every parameter is a DTensor
+            (for FSDP2, DCP and `clip_grad_norm_`), filled from the same slices.
+        cp_group, cp_mode: context parallelism ("ring" or "ulysses"); a mesh
+            axis (`state.mesh["cp"]`) when `tp_group` is one.
         sequence_parallel: sequence parallelism inside the TP group.
         dtype: of the parameters; None keeps the checkpoint's.
         device: of the parameters.
@@ -167,7 +172,8 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
 
     Raises:
         ValueError: for an unsupported model_type or config field (named), a
-            TP size that does not split the heads (valid sizes listed), missing
+            TP size that does not split the heads (valid sizes listed), a mesh
+            axis mixed with a process group or not 1-D, missing
             or unexpected tensors, a missing safetensors file, or tensors whose
             shapes disagree with the config.
 
@@ -178,22 +184,38 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
     """
     raw, open_source, what = _source(src)
     cfg = hf_config.parse(raw)  # the config's errors first: they say the most
+    mesh.check_axes(tp_group, cp_group)  # before any collective, like the other checks
+    tp_arg, cp_arg = tp_group, cp_group  # the model takes them as given (meshes make DTensor parameters)
+    tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
+    on_mesh = tp_mesh is not None or mesh.axis_arg("cp_group", cp_arg)[1] is not None
     _check_tp(cfg, size_of(tp_group), what)
     rules = weights.rules(cfg)
     source = open_source()
     _check_names(rules, source, what, cfg.tie_embeddings)
     if dtype is None:
         dtype = source.dtype(rules[0].hf)
-    # Built without memory (meta), then given uninitialised storage: every parameter is read below, so
-    # random initial weights would only cost time and a transient several times a shard's size.
-    model = CausalLM(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel, cp_group=cp_group,
-                     cp_mode=cp_mode, device="meta", dtype=dtype, initialize=False)
-    model.to_empty(device=device or "cpu")
-    params = dict(model.named_parameters())
-    unfilled = sorted(set(params) - {r.ours for r in rules})
-    if unfilled:
-        raise RuntimeError(f"No checkpoint tensor fills {unfilled}: the weight table is incomplete (a bug).")
-    with torch.no_grad():
+    build = dict(tp_group=tp_arg, sequence_parallel=sequence_parallel, cp_group=cp_arg, cp_mode=cp_mode,
+                 dtype=dtype, initialize=False)
+    if on_mesh:
+        # DTensors are made at build (replicated key/value heads gathered then), so the model is built on
+        # its device, zero-filled (the storage it keeps: no larger transient), and filled through its
+        # local views; `write=True` re-gathers replicated key/value heads over TP afterwards.
+        from dist_mha.parallel.dtensor import local_params
+
+        model = CausalLM(cfg, device=device or "cpu", **build)
+        local = local_params(model, write=True)
+    else:
+        # Built without memory (meta), then given uninitialised storage: every parameter is read below, so
+        # random initial weights would only cost time and a transient several times a shard's size.
+        model = CausalLM(cfg, device="meta", **build)
+        model.to_empty(device=device or "cpu")
+        local = contextlib.nullcontext()
+    with torch.no_grad(), local:
+        # Plain tensors either way: this rank's shards, in the layout of the process-group model.
+        params = dict(model.named_parameters())
+        unfilled = sorted(set(params) - {r.ours for r in rules})
+        if unfilled:
+            raise RuntimeError(f"No checkpoint tensor fills {unfilled}: the weight table is incomplete (a bug).")
         for rule in rules:
             p = params[rule.ours]
             want = weights.global_shape(rule, p.shape, cfg.head_dim, tp_group)

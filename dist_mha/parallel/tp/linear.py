@@ -40,7 +40,7 @@ class _ParallelLinear(nn.Module):
     shard_dim = 0  # of the weight
 
     def __init__(self, in_features, out_features, *, bias=True, tp_group=None, sequence_parallel=False,
-                 device=None, dtype=None, salt=0, init_base=None, cp_group=None):
+                 device=None, dtype=None, salt=0, init_base=None, cp_group=None, initialize=True):
         super().__init__()
         mesh.check_axes(tp_group, cp_group)
         tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
@@ -60,10 +60,13 @@ class _ParallelLinear(nn.Module):
         local = list(global_shape)
         local[self.shard_dim] //= self.tp_size
         index = (slice(None),) * self.shard_dim + (slice(self.tp_rank * local[self.shard_dim], (self.tp_rank + 1) * local[self.shard_dim]),)
-        base = agreed_random_base(tp_group) if init_base is None else init_base
-        limit = math.sqrt(6.0 / (in_features + out_features))  # Keras's glorot_uniform
-        u = counter.uniform(counter.mix64(base, salt), global_shape, index, device=device)
-        self.weight = nn.Parameter(((u * 2.0 - 1.0) * limit).to(dtype or torch.get_default_dtype()))
+        if initialize:
+            base = agreed_random_base(tp_group) if init_base is None else init_base
+            limit = math.sqrt(6.0 / (in_features + out_features))  # Keras's glorot_uniform
+            u = counter.uniform(counter.mix64(base, salt), global_shape, index, device=device)
+            self.weight = nn.Parameter(((u * 2.0 - 1.0) * limit).to(dtype or torch.get_default_dtype()))
+        else:  # the caller fills it (a checkpoint): no random draw, no transient larger than the weight
+            self.weight = nn.Parameter(torch.zeros(local, device=device, dtype=dtype or torch.get_default_dtype()))
         bias_local = out_features // self.tp_size if self.shard_dim == 0 else out_features
         self.bias = nn.Parameter(torch.zeros(bias_local, device=device, dtype=self.weight.dtype)) if bias else None
         mark_sharded(self.weight, self.bias if self.shard_dim == 0 else None)
@@ -97,6 +100,7 @@ class ColumnParallelLinear(_ParallelLinear):
             None: `agreed_random_base(tp_group)`, rank 0's draw from torch's RNG.
         cp_group: with meshes, the CP axis: parameters are replicated over it
             (gradients averaged); process groups: unused.
+        initialize: False leaves the weight zero, for a caller that fills it.
     """
 
     shard_dim = 0

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mha.parallel import mesh
 from dist_mha.parallel.agreement import agreed_random_base
 from dist_mha.parallel.collectives import (
     copy_to_tp,
@@ -31,7 +32,7 @@ from dist_mha.parallel.collectives import (
     scatter_to_tp,
 )
 from dist_mha.parallel.groups import rank_of, size_of
-from dist_mha.parallel.tp import reshard
+from dist_mha.parallel.tp import placement, reshard
 from dist_mha.parallel.tp.grads import mark_sharded
 from dist_mha.rng import counter
 
@@ -40,8 +41,11 @@ class _VocabTable(nn.Module):
     """A `(V, E)` table split on rows over the TP group when the group divides V, else replicated."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, sequence_parallel=False,
-                 init_base=None, salt=0, split=None, initialize=True, device=None, dtype=None):
+                 init_base=None, salt=0, split=None, initialize=True, cp_group=None, device=None, dtype=None):
         super().__init__()
+        mesh.check_axes(tp_group, cp_group)
+        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
@@ -63,6 +67,14 @@ class _VocabTable(nn.Module):
             self.weight = nn.Parameter((init * 0.02).to(dtype))
         if self.split and self.tp_size > 1:
             mark_sharded(self.weight)
+        # Split rows: each rank's gradient is exactly that of its rows (the lookup's and the logits'
+        # collectives route every row's gradient to its owner). Replicated: every rank computes the
+        # whole gradient (full ids, full logits), so it is equal on every rank, not partial.
+        placement.declare(self, "weight", placement.shard(0, num_embeddings) if self.split else placement.replicate())
+        if tp_mesh is not None or cp_mesh is not None:
+            from dist_mha.parallel.dtensor import distribute
+
+            distribute(self, tp_mesh, cp_mesh)
 
     def get_extra_state(self):
         if not self.split:
@@ -83,12 +95,14 @@ class VocabParallelEmbedding(_VocabTable):
     Args:
         num_embeddings: V.
         embedding_dim: E.
-        tp_group: process group, or None.
+        tp_group: process group, a 1-D DeviceMesh (the table becomes a DTensor,
+            `Shard(0)` when split, else `Replicate`), or None.
         sequence_parallel: return this rank's sequence shard `(B, T/tp, E)`.
         init_base, salt: seed of the initial N(0, 0.02) table (None: agreed over the TP group).
         split: None splits the rows when the TP size divides V and replicates them
             otherwise; False always replicates (bench/bench_hf_vocab.py compares both).
         initialize: False leaves the table zero, for a caller that fills it.
+        cp_group: with a mesh, the CP axis (the table is replicated over it, gradients averaged).
         device, dtype: of the table.
 
     Call arguments:
@@ -120,6 +134,9 @@ class VocabParallelEmbedding(_VocabTable):
 
 def vocab_logits(table: _VocabTable, x: torch.Tensor) -> torch.Tensor:
     """Logits `(B, T, V)` of hidden states `x` against `table`'s rows (a tied or an untied head).
+
+    With DTensor tables call it inside a forward of the table or of a module
+    holding it (their hooks put the local table in place).
 
     Args:
         table: a `VocabParallelEmbedding` (tied head) or `VocabParallelHead`.
