@@ -51,6 +51,18 @@ def test_finetune_with_context_parallelism(tmp_path, source):
     assert [r["step"] for r in metrics(run_dir)] == [5]
 
 
+def test_finetune_fsdp2_with_dcp_checkpoints_and_export_the_dcp_step(tmp_path, source):
+    # DTensor parameters on the TP mesh axis, fully_shard per block and root, DCP steps; export reads DCP.
+    run_dir = tmp_path / "fsdp2"
+    _torchrun(run_dir, 2, "model=hf", f"model.path={source}", "parallel.tp=2", "parallel.dp_mode=fsdp2",
+              "train.steps=5", "train.ckpt_every=5")
+    assert [r["step"] for r in metrics(run_dir)] == [5]
+    assert "PyTorch FSDP2, DCP checkpoints" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "checkpoints").exists()
+    report = _exported_logits_equal_trained(run_dir, tmp_path / "exported", source)
+    assert report["step"] == 5 and "dcp_checkpoints" in report["from"]
+
+
 def _exported_logits_equal_trained(run_dir, out, source):
     """Exports `run_dir` with the script; transformers' logits of the export equal the trained model's."""
     from transformers import AutoModelForCausalLM

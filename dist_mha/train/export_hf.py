@@ -1,9 +1,10 @@
 """Export a training run of `model=hf` as a Hugging Face checkpoint: `python launch/export_hf.py <run_dir> <out_dir>`.
 
 Takes the run's newest checkpoint step that verifies against its manifest
-(torchrun runs' TP shard sets, or DeepSpeed's model states for ZeRO stages
-0-2), reshards it to one rank (it may have been written at any TP degree),
-and writes `config.json` + `model.safetensors` with `to_hf`;
+(torchrun runs' TP shard sets, DCP steps of `parallel.dp_mode=fsdp2` or
+`train.checkpoint_format=dcp`, or DeepSpeed's model states for ZeRO stages
+0-2), reshards it to one rank (it may have been written at any DP, TP and CP
+layout), and writes `config.json` + `model.safetensors` with `to_hf`;
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads the
 result. One process, no GPU needed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from dist_mha.train.hf_model import CONFIG_NAME
 
 
 def newest_intact_step(run_dir: Path) -> tuple[Path, str]:
-    """`(step directory, "tp" | "deepspeed")` of the newest step that verifies, over both kinds.
+    """`(step directory, "tp" | "dcp" | "deepspeed")` of the newest step that verifies, over every kind.
 
     Raises:
         FileNotFoundError: when no step verifies (each one's problems listed).
@@ -59,6 +61,24 @@ def _deepspeed_state(step_dir: Path) -> dict:
     return reshard_state_dicts([s["module"] for s in states], 1, 0)
 
 
+def _dcp_model(step_dir: Path, cfg) -> CausalLM:
+    """A one-process `CausalLM` holding a DCP step's weights (DCP reads each tensor by its global shape).
+
+    The step was verified against its manifest already, so DCP's own
+    `SHA256SUMS` pass is skipped (it would hash every file again).
+    """
+    import torch.distributed.checkpoint as torch_dcp
+
+    from dist_mha.checkpoint import dcp
+
+    meta = torch_dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    model = CausalLM(cfg, dtype=meta["model.embed.weight"].properties.dtype, initialize=False)
+    with warnings.catch_warnings():  # DCP warns that it runs in one process: that is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(step_dir, model, verify_files=False)
+    return model
+
+
 def load_trained(run_dir) -> tuple[CausalLM, Path]:
     """`(model at TP=1 holding the newest intact step's weights, that step's directory)`.
 
@@ -74,10 +94,14 @@ def load_trained(run_dir) -> tuple[CausalLM, Path]:
     raw = json.loads(cfg_file.read_text())
     step, kind = newest_intact_step(run_dir)
     manifest = run_dirs.read_manifest(step)
-    state = checkpointing.load_model_state(step, None) if kind == "tp" else _deepspeed_state(step)
-    dtype = next(v.dtype for k, v in state.items() if k.endswith(".weight"))
-    model = CausalLM(hf_config.parse(raw), dtype=dtype, initialize=False)
-    model.load_state_dict(state)
+    cfg = hf_config.parse(raw)
+    if kind == "dcp":
+        model = _dcp_model(step, cfg)
+    else:
+        state = checkpointing.load_model_state(step, None) if kind == "tp" else _deepspeed_state(step)
+        dtype = next(v.dtype for k, v in state.items() if k.endswith(".weight"))
+        model = CausalLM(cfg, dtype=dtype, initialize=False)
+        model.load_state_dict(state)
     model.hf_config = raw
     model.trained_step = manifest.get("step")
     return model.eval(), step
