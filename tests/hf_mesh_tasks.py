@@ -77,12 +77,16 @@ def logits_parity(ctx, cases, ids) -> dict:
             kw = dict(cp_mode=mode, sequence_parallel=sp)
             ours, theirs = from_hf(path, **_axes(st, True), **kw), from_hf(path, **_axes(st, False), **kw)
             y = _logits(ours, ids, st)
-            out[(family, (tp, cp, mode, sp))] = {
+            r = out[(family, (tp, cp, mode, sp))] = {
                 "vs_groups": (y - _logits(theirs, ids, st)).abs().max().item(),
                 "weights_vs_one_device": _max_err(_full(ours), single),
                 "placements": _placements_ok(ours, tp),
                 "logits": y,
             }
+            if not sp and cp == 1:  # KV-cache decoding runs without SP and CP
+                from dist_mha.models.generation import generate
+
+                r["same_tokens"] = torch.equal(generate(ours, ids[:, :4], 6), generate(theirs, ids[:, :4], 6))
     return out
 
 

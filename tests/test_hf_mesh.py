@@ -48,6 +48,7 @@ def test_from_hf_on_mesh_axes_equals_process_groups_and_transformers(rank_pool, 
             assert r["vs_groups"] < 1e-10, (family, layout, r["vs_groups"])
             assert r["weights_vs_one_device"] == 0.0, (family, layout)  # the checkpoint's weights, bit for bit
             assert r["placements"], (family, layout)
+            assert r.get("same_tokens", True), (family, layout)  # greedy KV-cache decoding, where it runs
             assert (r["logits"] - checkpoints[family][1]).abs().max() < 1e-6, (family, layout)  # as test_hf_models
 
 
