@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from dist_mha.parallel import gather_sequence, shard_sequence
 from mesh_tasks import state
 
+F64 = torch.float64
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)  # full_tensor() of 2-D shards
 
 
@@ -191,4 +192,48 @@ def mesh_errors(ctx, path) -> dict:
             out[name] = None
         except ValueError as e:
             out[name] = str(e)
+    return out
+
+
+def parts_on_mesh(ctx) -> dict:
+    """`GatedMLP`, `RMSNorm` and the vocabulary tables alone on the TP mesh axis (SP) against one device.
+
+    Each part's own hook must put its local tensors in place; every gradient, gathered from its DTensor,
+    must be the one-device gradient (a wrong `partial_grad` would double the norm's under SP).
+    """
+    from dist_mha.models.mlp import GatedMLP
+    from dist_mha.models.norms import RMSNorm
+    from dist_mha.parallel.tp.vocab import VocabParallelEmbedding, VocabParallelHead
+
+    st = state(ctx, 2, 1)
+    tp = st.mesh["tp"]
+    B, T, E, V = 2, 8, 16, 64
+    g = torch.Generator().manual_seed(0)
+    x, up = torch.randn(B, T, E, generator=g, dtype=F64), torch.randn(B, T, E, generator=g, dtype=F64)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    sp = dict(tp_group=tp, sequence_parallel=True)
+    kw = dict(init_base=3, dtype=F64)
+    pairs = {"mlp": (GatedMLP(E, 32, bias=True, **kw), GatedMLP(E, 32, bias=True, **kw, **sp)),
+             "norm": (RMSNorm(E, dtype=F64), RMSNorm(E, dtype=F64, **sp)),
+             "embed": (VocabParallelEmbedding(V, E, salt=1, **kw), VocabParallelEmbedding(V, E, salt=1, **kw, **sp)),
+             "head": (VocabParallelHead(V, E, salt=2, **kw), VocabParallelHead(V, E, salt=2, **kw, **sp))}
+    with torch.no_grad():
+        w = torch.randn(E, generator=g, dtype=F64)
+        pairs["norm"][0].weight.copy_(w)
+        pairs["norm"][1].weight.to_local().copy_(w)
+    out = {}
+    rows = slice(st.tp_rank * T // 2, (st.tp_rank + 1) * T // 2)  # this rank's sequence shard under SP
+    for name, (ref, ours) in pairs.items():
+        # SP: the embedding takes full ids and returns this rank's rows; the head takes this rank's rows
+        # and returns full logits; the MLP and the norm keep this rank's rows.
+        a = ids if name == "embed" else x
+        y_ref, y = ref(a), ours(a if name == "embed" else a[:, rows])
+        grad = up if name != "head" else torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1),
+                                                     dtype=F64)
+        y_ref.backward(grad)
+        y.backward(grad if name == "head" else grad[:, rows])
+        want = y_ref if name == "head" else y_ref[:, rows]
+        out[name] = max((y - want).abs().max().item(),
+                        *((p.grad.full_tensor() - q.grad).abs().max().item()
+                          for p, q in zip(ours.parameters(), ref.parameters())))
     return out

@@ -52,6 +52,12 @@ def test_from_hf_on_mesh_axes_equals_process_groups_and_transformers(rank_pool, 
             assert (r["logits"] - checkpoints[family][1]).abs().max() < 1e-6, (family, layout)  # as test_hf_models
 
 
+def test_gated_mlp_rms_norm_and_vocab_tables_alone_on_a_mesh_axis_equal_one_device(rank_pool):
+    for errors in rank_pool.run(hf_mesh_tasks.parts_on_mesh):
+        assert set(errors) == {"mlp", "norm", "embed", "head"}
+        assert max(errors.values()) < 1e-12, errors
+
+
 def test_fsdp2_step_of_a_from_hf_model_equals_one_device(rank_pool, checkpoints):
     # fully_shard per block and on the root (the app's train.fsdp.shard); AdamW with clipping active.
     cases = [("llama_dp2_tp2", checkpoints["llama"][0], 2, 1, False),
