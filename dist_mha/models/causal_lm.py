@@ -13,6 +13,11 @@ what these families need instead of DecoderLM's learned positions and
 LayerNorm/GELU: rotary positions inside the attention layers, RMSNorm, gated
 MLPs, untied heads and per-layer sliding windows. `dist_mha.models.from_hf`
 builds one from a Hugging Face checkpoint.
+
+On 1-D DeviceMesh axes (`tp_group=state.mesh["tp"]`) every parameter is a
+DTensor (`dist_mha.parallel.dtensor`), each declared where its part creates
+it; each `DecoderLayer` and the root get their own forward hook, so FSDP2
+can shard `model.blocks[i]` and the root apart (`dist_mha.train.fsdp.shard`).
 """
 
 from __future__ import annotations
