@@ -179,16 +179,19 @@ def dcp_and_export(ctx, path, ids, directory, out_dirs) -> dict:
 
 
 def mesh_errors(ctx, path) -> dict:
-    """The ValueErrors of bad mesh arguments to `from_hf` (raised before any collective, so the pool survives)."""
+    """The ValueErrors of bad mesh arguments to `from_hf` and of a DTensor table used outside a forward."""
     from dist_mha.models import from_hf
+    from dist_mha.parallel.tp.vocab import VocabParallelEmbedding, vocab_logits
 
     st = state(ctx, 2, 1)
-    cases = {"mixed": dict(tp_group=st.mesh["tp"], cp_group=st.dp_group),
-             "two_dims": dict(tp_group=st.mesh["dp", "tp"])}
+    table = VocabParallelEmbedding(64, 16, tp_group=st.mesh["tp"])
+    cases = {"mixed": lambda: from_hf(path, tp_group=st.mesh["tp"], cp_group=st.dp_group),
+             "two_dims": lambda: from_hf(path, tp_group=st.mesh["dp", "tp"]),
+             "logits_outside_forward": lambda: vocab_logits(table, torch.zeros(1, 2, 16))}
     out = {}
-    for name, kw in cases.items():
+    for name, make in cases.items():
         try:
-            from_hf(path, **kw)
+            make()
             out[name] = None
         except ValueError as e:
             out[name] = str(e)

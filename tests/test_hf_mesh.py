@@ -97,3 +97,4 @@ def test_bad_mesh_arguments_to_from_hf_raise_before_any_collective(rank_pool, ch
     for msgs in rank_pool.run(hf_mesh_tasks.mesh_errors, checkpoints["llama"][0]):
         assert "one a DeviceMesh, the other a process group" in msgs["mixed"]
         assert "expected a 1-D DeviceMesh" in msgs["two_dims"] and "state.mesh['tp']" in msgs["two_dims"]
+        assert "outside a forward" in msgs["logits_outside_forward"] and "head(x)" in msgs["logits_outside_forward"]

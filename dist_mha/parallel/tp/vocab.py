@@ -142,6 +142,14 @@ def vocab_logits(table: _VocabTable, x: torch.Tensor) -> torch.Tensor:
         table: a `VocabParallelEmbedding` (tied head) or `VocabParallelHead`.
         x: `(B, T, E)` replicated over TP, or `(B, T/tp, E)` under sequence parallelism.
     """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(table.weight, DTensor):
+        raise ValueError(
+            f"Received a {type(table).__name__} whose weight is a DTensor (built on a DeviceMesh) outside a forward: "
+            "vocab_logits computes on the local table, which the forward hooks of the table (or of the model "
+            "holding it) put in place. Call the head itself (head(x)), or call vocab_logits inside a forward of a "
+            "module that holds the table.")
     group = table.tp_group
     if table.tp_size == 1:
         return F.linear(x, table.weight)
