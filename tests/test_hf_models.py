@@ -70,8 +70,17 @@ def test_logits_equal_transformers_for_every_family_dtype_and_layout(rank_pool, 
             worst[key] = max(worst.get(key, 0.0), err, err_packed)
             # Vocabulary-parallel wherever the TP size divides the vocabulary (Mistral's 130 words at TP=4: not).
             assert split == (130 % layout[0] == 0 if family == "mistral" else True)
+    _print_table(worst)  # the closing-note figures: `pytest -rP -k logits_equal tests/test_hf_models.py`
     bad = {k: v for k, v in worst.items() if v >= TOL[k[1]]}
     assert not bad, bad
+
+
+def _print_table(worst: dict) -> None:
+    names = [f"tp{tp}{'+sp' if sp else ''}" + (f"xcp{cp}-{mode}" if cp > 1 else "") for tp, cp, mode, sp in LAYOUTS]
+    print("largest |logits - transformers'| (plain and packed rows, every rank)")
+    print(f"{'family':8} {'dtype':8} " + " ".join(f"{n:>15}" for n in names))
+    for family, dtype in sorted({(f, d) for f, d, _ in worst}):
+        print(f"{family:8} {dtype:8} " + " ".join(f"{worst[(family, dtype, lay)]:15.1e}" for lay in LAYOUTS))
 
 
 def test_greedy_generation_equals_transformers_generate_token_for_token(rank_pool, checkpoints):

@@ -25,8 +25,7 @@ from dist_mha.train import checkpointing
 from dist_mha.train import run_dir as run_dirs
 from dist_mha.train.data import AssociativeRecall, make_data
 from dist_mha.train.distributed import init_distributed
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+from dist_mha.train.setup import DTYPES
 
 
 def load_model(run_dir: Path, tp_group, device, tp_mesh=None) -> tuple[DecoderLM, object, object]:
@@ -48,7 +47,7 @@ def load_model(run_dir: Path, tp_group, device, tp_mesh=None) -> tuple[DecoderLM
     axis = (tp_mesh if tp_mesh is not None else tp_group) if kind == "dcp" else tp_group
     model = DecoderLM(data.vocab_size, data.seq_len, m.embed_dim, m.num_heads, m.num_layers, m.mlp_ratio,
                       num_kv_heads=m.get("num_kv_heads"), tp_group=axis, seed=cfg.train.seed, device=device,
-                      dtype=_DTYPES[cfg.train.dtype])
+                      dtype=DTYPES[cfg.train.dtype])
     ckpt = newest_intact_step(run_dir, kind)
     if kind == "dcp":
         from dist_mha.checkpoint import dcp
