@@ -304,6 +304,22 @@ def test_explicit_position_ids_and_cross_attention_pairs():
         layer(x, x, position_ids=torch.arange(T - 1)[None].expand(B, T - 1))
 
 
+def test_default_positions_equal_explicit_ones_for_cross_attention_and_survive_inference_mode():
+    layer = _feature_layer(FEATURES["rope"])
+    x, ctx = _x(torch.float64), _x(torch.float64)[:, :5]
+    pair = (torch.arange(T)[None].expand(B, T), torch.arange(5)[None].expand(B, 5))
+    torch.testing.assert_close(layer(x, ctx), layer(x, ctx, position_ids=pair), rtol=0, atol=0)
+    # The default tables are cached per rope; a training call after an inference_mode one gets the same
+    # values and a backward.
+    with torch.inference_mode():
+        ref = layer(x, x, use_causal_mask=True)
+    y = x.clone().requires_grad_()
+    out = layer(y, y, use_causal_mask=True)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
 # -- which kernel serves which feature --------------------------------------------------------------
 
 def test_sdpa_serves_sinks_exactly_and_refuses_softcap_with_the_reason():

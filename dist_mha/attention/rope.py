@@ -135,6 +135,7 @@ class Rope:
 
     def __post_init__(self):
         object.__setattr__(self, "_tables", {})  # (longest, device, dtype) -> inv_freq: made once, read every call
+        object.__setattr__(self, "_angles", {})  # rotary.range_angles: (cos, sin) of positions 0..size-1
 
     def frequencies(self, longest, device, dtype) -> torch.Tensor:
         """`inverse_frequencies(longest)` on `device` in `dtype`, cached (a few per layer)."""

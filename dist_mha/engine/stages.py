@@ -96,20 +96,32 @@ def rotate(layer, c: Call) -> None:
     rope = layer._rope
     if rope is None:
         return
-    q_pos, k_pos, longest = positions.call_positions(layer, c, c.mask_args["position_ids"])
     norms, eps = c.qk_norm or (None, None), layer._qk_norm_eps
-    if c.qk_norm is None and k_pos is q_pos and positions.one_range(layer, c) \
-            and rotary.flash_rotary() is not None and rotary.kernel_takes(c.q):
-        start = 0 if c.cache is None else c.cache.length  # flash-attn's kernel: a table and an offset
-        c.q, c.k = (rotary.rotate_range(rope, start, x, longest) for x in (c.q, c.k))
+    if positions.one_range(layer, c):  # the default positions: start..start+T-1 (S), tables cached
+        start = 0 if c.cache is None else c.cache.length
+        T, S = c.T, c.S - start
+        if c.qk_norm is None and S == T and rotary.flash_rotary() is not None and rotary.kernel_takes(c.q):
+            # flash-attn's kernel: a table and an offset
+            c.q, c.k = (rotary.rotate_range(rope, start, x, start + T) for x in (c.q, c.k))
+            return
+
+        def tables(dtype, n):
+            cos, sin = rotary.range_angles(rope, start + max(T, S), dtype, c.q.device)
+            return cos[:, start:start + n], sin[:, start:start + n]
+
+        same = S == T and c.k.dtype == c.q.dtype
+        q_tables = tables(c.q.dtype, T)
+        k_tables = q_tables if same else tables(c.k.dtype, S)
+    else:
+        q_pos, k_pos, longest = positions.call_positions(layer, c, c.mask_args["position_ids"])
+        same = k_pos is q_pos and c.k.dtype == c.q.dtype
+        q_tables = rotary.angles(rope, q_pos, c.q.dtype, longest)
+        k_tables = q_tables if same else rotary.angles(rope, k_pos, c.k.dtype, longest)
+    if same:
+        c.q, c.k = rotary.rotate(rope, *q_tables, c.q, c.k, norm_weights=norms, eps=eps)
         return
-    cos, sin = rotary.angles(rope, q_pos, c.q.dtype, longest)
-    if k_pos is q_pos and c.k.dtype == c.q.dtype:
-        c.q, c.k = rotary.rotate(rope, cos, sin, c.q, c.k, norm_weights=norms, eps=eps)
-        return
-    c.q = rotary.rotate(rope, cos, sin, c.q, norm_weights=norms[:1], eps=eps)
-    cos, sin = rotary.angles(rope, k_pos, c.k.dtype, longest)
-    c.k = rotary.rotate(rope, cos, sin, c.k, norm_weights=norms[1:], eps=eps)
+    c.q = rotary.rotate(rope, *q_tables, c.q, norm_weights=norms[:1], eps=eps)
+    c.k = rotary.rotate(rope, *k_tables, c.k, norm_weights=norms[1:], eps=eps)
 
 
 def append_to_cache(layer, c: Call) -> None:
