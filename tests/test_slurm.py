@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from train_helpers import ROOT, env, metrics
+from train_helpers import ROOT, env, metrics, sbatch
 
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 TINY = ["model=tiny", "train.steps=10", "train.ckpt_every=5", "train.log_every=5", "train.progress=false"]
@@ -42,8 +42,7 @@ def test_sbatch_two_process_cpu_job_trains(tmp_path, script):
     run_dir = tmp_path / "run"
     e = env()
     e.update(RUN_DIR=str(run_dir), NPROC_PER_NODE="2", PYTHON=sys.executable)
-    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--output={tmp_path}/job.out", str(script), *TINY],
-                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=400)
+    proc = sbatch("--nodes=1", f"--output={tmp_path}/job.out", str(script), *TINY, env=e)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert proc.returncode == 0, proc.stderr + log[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -68,8 +67,7 @@ def test_sbatch_single_node_with_context_parallelism(tmp_path):
     e = env()
     e.update(RUN_DIR=str(run_dir), NPROC_PER_NODE="2", TP="1", CP="2", CP_MODE="ring", PYTHON=sys.executable)
     script = ROOT / "slurm" / "single_node.sbatch"
-    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--output={tmp_path}/job.out", str(script), *TINY],
-                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=400)
+    proc = sbatch("--nodes=1", f"--output={tmp_path}/job.out", str(script), *TINY, env=e)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert proc.returncode == 0, proc.stderr + log[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -18,7 +18,7 @@ pytest.importorskip("transformers", reason="needs transformers (the dev extra)")
 pytest.importorskip("hydra", reason="needs hydra-core (the launch extra)")
 
 import hf_models  # noqa: E402
-from train_helpers import ROOT, TRAIN, env, metrics, run, torchrun_bin  # noqa: E402
+from train_helpers import ROOT, TRAIN, env, metrics, run, sbatch, torchrun_bin  # noqa: E402
 
 EXPORT = str(ROOT / "launch" / "export_hf.py")
 FAST = ["train.steps=20", "train.ckpt_every=10", "train.log_every=5", "train.progress=false", "train.plot=false",
@@ -127,9 +127,8 @@ def test_finetune_under_slurm(tmp_path, source):
     run_dir = tmp_path / "run"
     e = env()
     e.update(RUN_DIR=str(run_dir), NPROC_PER_NODE="2", PYTHON=sys.executable)
-    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--output={tmp_path}/job.out",
-                           str(ROOT / "slurm" / "single_node.sbatch"), "model=hf", f"model.path={source}",
-                           *FAST, "train.steps=10"], capture_output=True, text=True, env=e, cwd=ROOT, timeout=400)
+    proc = sbatch("--nodes=1", f"--output={tmp_path}/job.out", str(ROOT / "slurm" / "single_node.sbatch"),
+                  "model=hf", f"model.path={source}", *FAST, "train.steps=10", env=e)
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert proc.returncode == 0, proc.stderr + log[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["tp"] == 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -111,3 +113,32 @@ def all_weights(run_dir, step):
 
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE")
+
+
+def sbatch(*args, env, timeout=400) -> subprocess.CompletedProcess:
+    """`sbatch --wait args` returning when the job ends: its return code is 0 only for COMPLETED.
+
+    `sbatch --wait` itself polls after 2, 8, 32, 32... s, so a 12 s job returns after 42 s;
+    this polls `scontrol show job` every 0.5 s (job records stay in slurmctld for MinJobAge,
+    300 s by default; the local cluster has no accounting for `sacct`).
+    """
+    sub = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=60)
+    if sub.returncode:
+        return sub
+    job = sub.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        state = re.search(r"\bJobState=(\S+)", out)
+        if state and state.group(1) in _DONE:
+            code = re.search(r"\bExitCode=(\d+):(\d+)", out)
+            rc = 0 if state.group(1) == "COMPLETED" else max(1, int(code.group(1)) if code else 1)
+            return subprocess.CompletedProcess(sub.args, rc, sub.stdout, f"job {job}: {out}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", job])
+    raise TimeoutError(f"SLURM job {job} did not end within {timeout} s (cancelled)")
