@@ -165,11 +165,14 @@ class _NormRotate(torch.autograd.Function):
                 continue
             # With xr = x r (the normed input, never materialised: each x-sized buffer costs a pass and, on CPU,
             # page faults): dw = sum over rows of xr u; dx = r (dxr - xr mean(dxr xr)) = r dxr - x r^2 mean(...).
+            # Both reductions of y = x u are matrix-vector products (one read each, no further buffer):
+            # dw = y^T r over rows, and sum(dxr xr) = (y w) r per row.
             H = x.shape[-1]
-            dws.append(torch.mul(x, u).mul_(r).reshape(-1, H).sum(0))
-            dxr = u.mul_(w)  # u is not needed after this
-            mean = torch.linalg.vecdot(dxr, x).unsqueeze_(-1).mul_(r).div_(H)  # mean(dxr * xr)
-            dxs.append(dxr.mul_(r).addcmul_(x, mean.mul_(r).mul_(r), value=-1))
+            y = torch.mul(x, u).reshape(-1, H)
+            r_rows = r.reshape(-1)
+            dws.append(y.t().mv(r_rows))
+            c = y.mv(w).mul_(r_rows).mul_(r_rows).div_(H).view_as(r)  # r^2 mean(dxr * xr)
+            dxs.append(u.mul_(w).addcmul_(x, c, value=-1).mul_(r))  # r (dxr - x r^2 mean(dxr xr)); u is free
         return (None, None, None, None, None, None, *dxs, *dws)
 
 
