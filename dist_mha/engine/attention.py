@@ -117,9 +117,7 @@ class AttentionCore(DropoutStreams, nn.Module):
     def _init_parallel(self, tp_group, sequence_parallel, cp_group, cp_mode, dropout_mode, check_ranks):
         """The TP and CP groups and modes, checked before any collective."""
         # A DeviceMesh axis (state.mesh["tp"]) makes the parameters DTensors at build (parallel/dtensor.py).
-        mesh.check_axes(tp_group, cp_group)
-        tp_group, self.tp_mesh = mesh.axis_arg("tp_group", tp_group)
-        cp_group, self.cp_mesh = mesh.axis_arg("cp_group", cp_group)
+        tp_group, self.tp_mesh, cp_group, self.cp_mesh = mesh.axes(tp_group, cp_group)
         self.tp_group = cfg.process_group("tp_group", tp_group)
         self.tp_size, self.tp_rank = groups.size_of(self.tp_group), groups.rank_of(self.tp_group)
         sharding.check_heads_divisible(self._num_heads, self.tp_size, self._num_kv_heads)

@@ -81,11 +81,9 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"Received embed_dim={embed_dim} not divisible by num_heads={num_heads}.")
         self.causal = causal
         self.dropout = dropout
-        mesh.check_axes(tp_group, cp_group)
         # Sublayers take the arguments as given (meshes make DTensor parameters); collectives use the groups.
         tp_arg, cp_arg = tp_group, cp_group
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
-        cp_group, cp_mesh = mesh.axis_arg("cp_group", cp_arg)
+        tp_group, tp_mesh, cp_group, cp_mesh = mesh.axes(tp_arg, cp_arg)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         # Weights and dropout seeds must be equal on every TP and CP rank of a model replica,

@@ -134,11 +134,9 @@ class CausalLM(nn.Module):
         super().__init__()
         c = self.config = config
         self._initialize = initialize
-        mesh.check_axes(tp_group, cp_group)
         # The parts take the arguments as given (meshes make DTensor parameters); collectives use the groups.
         tp_arg, cp_arg = tp_group, cp_group
-        tp_group, self._tp_mesh = mesh.axis_arg("tp_group", tp_arg)
-        cp_group, self._cp_mesh = mesh.axis_arg("cp_group", cp_arg)
+        tp_group, self._tp_mesh, cp_group, self._cp_mesh = mesh.axes(tp_arg, cp_arg)
         self.tp_group, self.cp_group = tp_group, cp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = c.max_positions  # DecoderCache's bound

@@ -61,11 +61,9 @@ class DecoderLM(nn.Module):
                  attention_dropout=0.0, *, num_kv_heads=None, tp_group=None, sequence_parallel=False,
                  cp_group=None, cp_mode="ring", dropout_mode="per_rank", seed=None, device=None, dtype=None):
         super().__init__()
-        mesh.check_axes(tp_group, cp_group)
         # Blocks and the norm take the arguments as given (meshes make DTensor parameters).
         tp_arg, cp_arg = tp_group, cp_group
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
-        cp_group, cp_mesh = mesh.axis_arg("cp_group", cp_arg)
+        tp_group, tp_mesh, cp_group, cp_mesh = mesh.axes(tp_arg, cp_arg)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.max_len = max_len

@@ -67,12 +67,10 @@ class GatedMLP(nn.Module):
             raise ValueError(f"Received an invalid value for argument `activation`, expected one of "
                              f"{sorted(ACTIVATIONS)}. Received: activation={activation!r}")
         self.activation = activation
-        mesh.check_axes(tp_group, cp_group)
         # The projections take the arguments as given (meshes make DTensor weights); collectives use the group.
         lin = dict(bias=bias, tp_group=tp_group, sequence_parallel=sequence_parallel, init_base=init_base,
                    cp_group=cp_group, initialize=initialize, device=device, dtype=dtype)
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
-        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
+        tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_group, cp_group)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         self.gate = ColumnParallelLinear(embed_dim, hidden_dim, salt=11, **lin)

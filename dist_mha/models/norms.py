@@ -51,9 +51,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False, tp_group=None,
                  sequence_parallel: bool = False, cp_group=None, device=None, dtype=None):
         super().__init__()
-        mesh.check_axes(tp_group, cp_group)
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
-        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
+        tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_group, cp_group)
         init = torch.zeros if unit_offset else torch.ones
         self.weight = nn.Parameter(init(dim, device=device, dtype=dtype))
         self.eps, self.unit_offset = float(eps), bool(unit_offset)

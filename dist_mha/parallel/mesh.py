@@ -100,6 +100,16 @@ def param_mesh(tp_mesh, cp_mesh, tp_name: str = "tp_group", cp_name: str = "cp_g
     return root_t[(cp_mesh.mesh_dim_names[0], tp_mesh.mesh_dim_names[0])]
 
 
+def axes(tp_group, cp_group):
+    """`(tp_group, tp_mesh, cp_group, cp_mesh)` for a module's `tp_group=` / `cp_group=` arguments.
+
+    Checks that both take one form (`check_axes`), then splits each with `axis_arg`:
+    a process group (or None) with mesh None, or a 1-D mesh's group with the mesh.
+    """
+    check_axes(tp_group, cp_group)
+    return (*axis_arg("tp_group", tp_group), *axis_arg("cp_group", cp_group))
+
+
 def check_axes(tp_group, cp_group, tp_name: str = "tp_group", cp_name: str = "cp_group") -> None:
     """Raises when one of TP/CP is a mesh and the other a process group (parameters need one form).
 

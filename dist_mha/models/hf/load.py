@@ -184,10 +184,9 @@ def from_hf(src, *, tp_group=None, cp_group=None, cp_mode="ring", sequence_paral
     """
     raw, open_source, what = _source(src)
     cfg = hf_config.parse(raw)  # the config's errors first: they say the most
-    mesh.check_axes(tp_group, cp_group)  # before any collective, like the other checks
     tp_arg, cp_arg = tp_group, cp_group  # the model takes them as given (meshes make DTensor parameters)
-    tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_arg)
-    on_mesh = tp_mesh is not None or mesh.axis_arg("cp_group", cp_arg)[1] is not None
+    tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_arg, cp_arg)  # before any collective, like the other checks
+    on_mesh = tp_mesh is not None or cp_mesh is not None
     _check_tp(cfg, size_of(tp_group), what)
     rules = weights.rules(cfg)
     source = open_source()

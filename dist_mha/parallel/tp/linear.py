@@ -42,9 +42,7 @@ class _ParallelLinear(nn.Module):
     def __init__(self, in_features, out_features, *, bias=True, tp_group=None, sequence_parallel=False,
                  device=None, dtype=None, salt=0, init_base=None, cp_group=None, initialize=True):
         super().__init__()
-        mesh.check_axes(tp_group, cp_group)
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
-        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
+        tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_group, cp_group)
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel
@@ -134,14 +132,13 @@ class ParallelLayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape, *, tp_group=None, sequence_parallel=False, cp_group=None, **kwargs):
         super().__init__(normalized_shape, **kwargs)
-        mesh.check_axes(tp_group, cp_group)
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
+        tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_group, cp_group)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and size_of(tp_group) > 1
         # Replicated; under SP `copy_to_tp` in the forward sums the rows' partial gradients.
         placement.declare(self, "weight", placement.replicate())
         placement.declare(self, "bias", placement.replicate())
-        _distribute(self, tp_mesh, mesh.axis_arg("cp_group", cp_group)[1])
+        _distribute(self, tp_mesh, cp_mesh)
 
     def forward(self, x):
         if not self.sequence_parallel:

@@ -43,9 +43,7 @@ class _VocabTable(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, sequence_parallel=False,
                  init_base=None, salt=0, split=None, initialize=True, cp_group=None, device=None, dtype=None):
         super().__init__()
-        mesh.check_axes(tp_group, cp_group)
-        tp_group, tp_mesh = mesh.axis_arg("tp_group", tp_group)
-        cp_mesh = mesh.axis_arg("cp_group", cp_group)[1]
+        tp_group, tp_mesh, _, cp_mesh = mesh.axes(tp_group, cp_group)
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = size_of(tp_group), rank_of(tp_group)
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
