@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dist_mha.parallel import gather_sequence, shard_sequence
-from mesh_tasks import state
+from mesh_tasks import adamw, clipped_step, state
 
 F64 = torch.float64
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)  # full_tensor() of 2-D shards
@@ -103,16 +103,10 @@ def _loss(model, ids, st, B):
 
 
 def _step(model, opt, ids, st, B) -> float:
-    """One AdamW step with clipping active; returns the clip norm."""
-    opt.zero_grad(set_to_none=True)
-    _loss(model, ids, st, B).backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-    opt.step()
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return clipped_step(model, opt, _loss(model, ids, st, B))
 
 
-def _opt(model):
-    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+_opt = adamw
 
 
 def _sharded(path, st, sp=False):

@@ -82,17 +82,24 @@ def _loss(kind, model, step, st):
     return F.cross_entropy(model(a).reshape(-1, V), b.reshape(-1))
 
 
-def _step(kind, model, opt, step, st):
-    """One AdamW step with clipping active; returns the clip norm as a float."""
+def clipped_step(model, opt, loss) -> float:
+    """One AdamW step from `loss` with clipping active (max norm 0.05); returns the clip norm as a float."""
     opt.zero_grad(set_to_none=True)
-    _loss(kind, model, step, st).backward()
+    loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
     opt.step()
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def _opt(model):
+def adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def _step(kind, model, opt, step, st):
+    return clipped_step(model, opt, _loss(kind, model, step, st))
+
+
+_opt = adamw
 
 
 def _clean(name):
