@@ -130,6 +130,25 @@ def test_fused_norm_and_rotation_equal_the_two_steps_with_exact_gradients(fracti
         lambda *t: rotary.rotate(rope, cos, sin, t[0], t[1], norm_weights=t[2:], eps=1e-6), (x, y, w, v))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("batch", [1, 64])  # below and above the element count where inference takes fewer ops
+def test_inference_rotation_equals_the_autograd_node(interleaved, fraction, batch):
+    rope = Rope.from_dict({"interleaved": interleaved, "partial_rotary_factor": fraction}, 8)
+    pos = torch.arange(16)[None]
+    cos, sin = rotary.angles(rope, pos, torch.float64)
+    x, y = (torch.randn(batch, 16, n, 8, dtype=torch.float64) for n in (4, 2))
+    w = torch.rand(8, dtype=torch.float64) + 0.5
+    graph = rotary.rotate(rope, cos, sin, x.requires_grad_(), y, norm_weights=(w, None))
+    with torch.no_grad():
+        plain = rotary.rotate(rope, cos, sin, x, y, norm_weights=(w, None))
+    for a, b in zip(graph, plain):
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=1e-14)
+    # against the two steps written out: RMSNorm, then the rotation of the reference test above
+    steps = rotary.rotate(rope, cos, sin, torch.nn.functional.rms_norm(x.detach(), (8,), w, 1e-6))
+    torch.testing.assert_close(plain[0], steps, rtol=0, atol=1e-14)
+
+
 def test_rms_norm_follows_transformers_order_in_bfloat16():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
