@@ -236,19 +236,24 @@ def test_stale_lock_is_taken_over_and_a_foreign_one_is_named(straight, tmp_path)
 # --- a hung peer ---------------------------------------------------------------------------------------------
 
 
-def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
-    """Rank 1 SIGSTOPs itself; rank 0's next TP collective must time out (10 s), not wait 30 minutes."""
+def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
+    """Rank 1 hangs at step 3; rank 0's next TP collective must time out (10 s), not wait 30 minutes.
+
+    The peer sleeps (`fail_mode=hang`) rather than SIGSTOPs itself: rank 0 sees the
+    same silent peer, and torchrun's SIGTERM then ends it at once, where a stopped
+    process makes torchrun wait 30 s before its SIGKILL (`fail_mode=stop` is used by
+    the run-lock test).
+    """
     proc = subprocess.Popen([torchrun_bin(), "--standalone", "--nproc-per-node=2", TRAIN, f"hydra.run.dir={tmp_path}",
                              *FAST, "parallel.tp=2", "parallel.timeout_s=10", "train.fail_at_step=3",
-                             "train.fail_mode=stop"], env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                             "train.fail_mode=hang"], env=env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        # Generous: 10 s timeout + torchrun's 30 s grace before it SIGKILLs the stopped rank + start-up under load.
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=300)  # generous: 10 s timeout + start-up under load
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         proc.communicate()
-        pytest.fail("the job was still blocked on the stopped rank after 300 s")
+        pytest.fail("the job was still blocked on the hung rank after 300 s")
     finally:
         kill_tree(proc.pid)
     assert proc.returncode != 0
