@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "bench_attention.py"
@@ -133,3 +134,28 @@ def test_gpu_check_dry_run_on_cpu_runs_every_step(tmp_path):
     verdicts = [line for line in (tmp_path / "gpu_targets.txt").read_text().splitlines() if "[PASS]" in line or "[MISS]" in line]
     assert len(verdicts) >= 8
     assert (proc.returncode == 0) == all("[PASS]" in line for line in verdicts)
+
+
+def test_llm_features_bench_quick_run_writes_every_table(tmp_path):
+    # In process (no second torch start-up); the bench sets one thread and patches the rotate stage for
+    # --floor, both of which must be undone for the tests that follow.
+    sys.path.insert(0, str(ROOT / "bench"))
+    threads = torch.get_num_threads()
+    try:
+        import bench_llm_features
+
+        from dist_mha.engine import stages
+
+        rotate = stages.rotate
+        doc = bench_llm_features.main(["--quick", "--floor", "--out", str(tmp_path / "llm.json")])
+        assert stages.rotate is rotate
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "llm.json").read_text()) == json.loads(json.dumps(doc))
+    assert [(r["shape"], r["pass_"]) for r in doc["layer_calls"]] == [("small", "fwd"), ("small", "fwd+bwd")]
+    for r in doc["layer_calls"] + doc["floor"]:
+        extra = r.get("extras_s", r.get("floor_s"))
+        assert r["plain_s"] > 0 and extra > 0 and r["ratio"] == round(extra / r["plain_s"], 3)
+    assert len(doc["floor"]) == 1 and {r["model"] for r in doc["decode"]} == {"plain", "rope+qk_norm"}
+    assert all(r["tokens_per_s"] > 0 for r in doc["decode"])
