@@ -156,6 +156,7 @@ def test_llm_features_bench_quick_run_writes_every_table(tmp_path):
     assert [(r["shape"], r["pass_"]) for r in doc["layer_calls"]] == [("small", "fwd"), ("small", "fwd+bwd")]
     for r in doc["layer_calls"] + doc["floor"]:
         extra = r.get("extras_s", r.get("floor_s"))
-        assert r["plain_s"] > 0 and extra > 0 and r["ratio"] == round(extra / r["plain_s"], 3)
+        # the ratio is taken from the unrounded times, the times are written rounded to 1 us
+        assert r["plain_s"] > 0 and extra > 0 and abs(r["ratio"] - extra / r["plain_s"]) < 2e-3
     assert len(doc["floor"]) == 1 and {r["model"] for r in doc["decode"]} == {"plain", "rope+qk_norm"}
     assert all(r["tokens_per_s"] > 0 for r in doc["decode"])
