@@ -146,7 +146,7 @@ def _norm_turn(x, w, C, S, R, interleaved, eps):
 
     `rms_norm(x) = x sqrt(H) / h`: `sqrt(H) w` is folded into the tables and the
     division by `h` (a per-row scalar, which the turn commutes with) comes last, in
-    place, so only the output is allocated at `x`'s size, and `h` takes two ops.
+    place, so only the output is allocated at `x`'s size, and `h` takes one reduction.
     """
     if w is None:
         return _turn(x, _tables(C, S, None, R, interleaved, x.shape[-2]), R, interleaved), None
@@ -159,7 +159,7 @@ def _norm_turn(x, w, C, S, R, interleaved, eps):
 def _few_ops(x, w, C, S, R, interleaved, eps):
     """`turn(rms_norm(x, w))` in the fewest ops (each op's fixed cost outweighs its passes on small inputs)."""
     if w is not None:
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+        x = rms_norm(x, w, eps)
     rot = x if R == x.shape[-1] else x[..., :R]
     out = torch.addcmul(rot * C, _swap(rot, interleaved), S)
     return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], -1)

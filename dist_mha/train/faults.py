@@ -4,8 +4,8 @@ Only on the first attempt (`TORCHELASTIC_RESTART_COUNT=0`), so a torchrun
 restart runs through. Modes: `exit` (the process dies at the step), `stop`
 (SIGSTOP: a frozen peer that holds its sockets and never answers; torchrun
 waits 30 s before it SIGKILLs it), `hang` (the same peer stuck in host code,
-which torchrun's SIGTERM ends), `exit_in_save` (dies right after writing its checkpoint shard of the step,
-before the step is published).
+which torchrun's SIGTERM ends), `exit_in_save` (dies right after writing its
+checkpoint shard of the step, before the step is published).
 """
 
 from __future__ import annotations
